@@ -1,0 +1,33 @@
+# medseg workflow: ingest -> plan -> preprocess -> train (per fold) -> predict (per fold) -> evaluate.
+#
+#   snakemake --cores all --configfile configs/experiments/hippocampus.yaml --config dataset=<folder>
+#
+# The config is validated against configs/schema.json (generated from medseg/config.py)
+# before any job runs. Each rule passes only its own config section, so changing one
+# section reruns that stage and the stages after it.
+import os
+
+from snakemake.utils import min_version, validate
+
+min_version("8.0")
+
+
+configfile: os.path.join(workflow.basedir, "configs", "config.yaml")
+
+
+validate(config, os.path.join(workflow.basedir, "configs", "schema.json"), set_default=False)
+
+
+include: "pipelines/common.smk"
+include: "pipelines/ingest.smk"
+include: "pipelines/plan.smk"
+include: "pipelines/preprocess.smk"
+include: "pipelines/train.smk"
+include: "pipelines/predict.smk"
+include: "pipelines/evaluate.smk"
+
+
+rule all:
+    input:
+        f"{RESULTS}/evaluation/summary.json",
+    default_target: True

@@ -1,0 +1,269 @@
+"""The ``medseg`` command: one subcommand per stage, plus helpers.
+
+Commands are thin: parse arguments, build the config, call the stage function, and turn a
+``MedsegError`` into a one-line message and exit status 2. Heavy imports happen inside
+the commands so ``medseg --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from medseg.errors import MedsegError
+
+log = logging.getLogger("medseg")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, action="append", default=[], metavar="YAML",
+                   help="workflow config file(s) to take this stage's section from (repeatable, later wins)")
+    p.add_argument("--params", metavar="JSON", help="this stage's section as JSON (wins over --config)")
+
+
+def _tracking_uri(args: argparse.Namespace) -> str:
+    from medseg.tracking import default_tracking_uri
+
+    return args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def _section(args: argparse.Namespace, model: type, name: str, params: str | None = None):  # noqa: ANN202
+    from medseg.config import section_from_sources
+
+    return section_from_sources(model, name, config_files=args.config, params_json=params if params is not None else args.params)
+
+
+def cmd_ingest(args: argparse.Namespace) -> None:
+    from medseg.config import IngestConfig
+    from medseg.stages.ingest import ingest
+
+    result = ingest(args.input, args.output, _section(args, IngestConfig, "ingest"))
+    print(f"ingested {result.n_cases} cases ({result.n_failed} left out) -> {result.manifest_path}")
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from medseg.config import PlanConfig
+    from medseg.stages.plan import plan
+
+    result = plan(args.manifest, args.output, _section(args, PlanConfig, "plan"))
+    p = result.plan
+    print(f"plan: {p.dims}D, spacing {p.target_spacing_mm} mm, patch {p.patch_size}, batch {p.batch_size}, "
+          f"normalization {p.normalization} -> {result.plan_path}")
+
+
+def cmd_preprocess(args: argparse.Namespace) -> None:
+    from medseg.config import PreprocessConfig
+    from medseg.stages.preprocess import preprocess
+
+    result = preprocess(args.manifest, args.plan, args.output, _section(args, PreprocessConfig, "preprocess"))
+    print(f"preprocessed {result.n_cases} cases -> {result.index_path.parent}")
+
+
+def _tags(pairs: Sequence[str]) -> dict[str, str]:
+    from medseg.errors import ConfigError
+
+    tags = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--tag: expected KEY=VALUE, found {pair!r}")
+        tags[key] = value
+    return tags
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from medseg.config import TrackingConfig, TrainConfig
+    from medseg.stages.train import Tracking, train
+
+    config = _section(args, TrainConfig, "train")
+    tracking_config = _section(args, TrackingConfig, "tracking", args.tracking_params or "")
+    tags = _tags(args.tag)
+    if args.manifest:
+        from medseg.manifest import load_manifest
+
+        tags["manifest.digest"] = load_manifest(args.manifest)[0].digest()
+    tracking = Tracking(
+        uri=None if args.no_tracking else _tracking_uri(args), config=tracking_config,
+        artifact_root=args.artifact_root, tags=tags,
+    )
+    result = train(
+        args.preprocessed, args.plan, args.splits, args.output, config,
+        fold=args.fold, device=args.device, resume=args.resume, stop_after_epoch=args.stop_after_epoch,
+        tracking=tracking,
+    )
+    print(f"fold {args.fold}: best validation Dice {result.best_dice:.4f} at epoch {result.best_epoch}; "
+          f"model {result.model_uri}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from medseg.config import PredictConfig
+    from medseg.stages.plan import load_splits
+    from medseg.stages.predict import predict
+
+    uri = _tracking_uri(args)
+    models = list(args.model)
+    for info in args.model_info:
+        from medseg.io import read_json
+
+        models.append(read_json(info)["model_uri"])
+    if not models:
+        from medseg.tracking import latest_model_version
+
+        models = [latest_model_version(uri)]
+        log.info("no --model given: using %s", models[0])
+    case_ids = None
+    if args.cases:
+        case_ids = [c for c in args.cases.split(",") if c]
+    if args.splits is not None:
+        case_ids = load_splits(args.splits, args.fold)["val"]
+    result = predict(args.input, args.output, models, _section(args, PredictConfig, "predict"),
+                     case_ids=case_ids, device=args.device, tracking_uri=uri)
+    print(f"wrote {len(result.written)} masks to {result.out_dir} ({len(result.failed)} failed)")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from medseg.config import EvaluateConfig
+    from medseg.stages.evaluate import evaluate, log_to_mlflow
+
+    result = evaluate(args.predictions, args.output, _section(args, EvaluateConfig, "evaluate"),
+                      manifest_path=args.manifest, labels_dir=args.labels)
+    if args.model_info:
+        runs = log_to_mlflow(result, _tracking_uri(args), args.model_info)
+        log.info("logged the evaluation to MLflow run(s) %s", ", ".join(runs))
+    dice = result.summary["mean_dice"]
+    print(f"evaluated {result.n_cases} cases: mean Dice {dice:.4f} -> {result.out_dir}")
+
+
+def cmd_schema(args: argparse.Namespace) -> None:
+    import json
+
+    from medseg.config import json_schema
+
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if args.output:
+        args.output.write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+def cmd_fetch_data(args: argparse.Namespace) -> None:
+    from medseg.datasets import fetch_msd
+
+    print(fetch_msd(args.task, args.output))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from medseg.report import report
+
+    print(report(args.results, _tracking_uri(args)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medseg", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], None], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("ingest", cmd_ingest, "raw cases (MSD/nnU-Net folder, cases.tsv, DICOM series) to NIfTI and a manifest")
+    p.add_argument("--input", type=Path, required=True)
+    p.add_argument("--output", type=Path, required=True)
+    _config_args(p)
+
+    p = add("plan", cmd_plan, "dataset fingerprint and plan (spacing, patch, batch, normalization, folds)")
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--output", type=Path, required=True)
+    _config_args(p)
+
+    p = add("preprocess", cmd_preprocess, "reorient, crop, resample, normalize and cache the cases")
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--plan", type=Path, required=True)
+    p.add_argument("--output", type=Path, required=True)
+    _config_args(p)
+
+    p = add("train", cmd_train, "train one fold, tracked in MLflow, and register the model")
+    p.add_argument("--preprocessed", type=Path, required=True)
+    p.add_argument("--plan", type=Path, required=True)
+    p.add_argument("--splits", type=Path, required=True)
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--output", type=Path, required=True)
+    p.add_argument("--manifest", type=Path, help="the ingest manifest (its digest becomes a run tag)")
+    p.add_argument("--resume", action="store_true", help="continue from <output>/last.pt")
+    p.add_argument("--stop-after-epoch", type=int, metavar="N",
+                   help="end this run after epoch N (the schedule still spans all epochs); continue with --resume")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else data/results/mlflow.db)")
+    p.add_argument("--tracking-params", metavar="JSON", help="the tracking section as JSON")
+    p.add_argument("--artifact-root", type=Path, help="artifact folder for a new MLflow experiment")
+    p.add_argument("--no-tracking", action="store_true", help="train without MLflow")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="extra run tag (repeatable)")
+    _config_args(p)
+
+    p = add("predict", cmd_predict, "masks for scans, in each scan's own geometry")
+    p.add_argument("--input", type=Path, required=True, help="a folder of scans (NIfTI, DICOM series, MSD) or a manifest")
+    p.add_argument("--output", type=Path, required=True)
+    p.add_argument("--model", action="append", default=[], metavar="URI",
+                   help="models:/<name>/<version|@alias>, runs:/<id>/model or a checkpoint; repeat for an "
+                        "ensemble (default: the latest registered model version)")
+    p.add_argument("--model-info", type=Path, action="append", default=[], help="a model.json written by train")
+    p.add_argument("--cases", help="comma-separated case ids to predict (default: all)")
+    p.add_argument("--splits", type=Path, help="with --fold: predict that fold's validation cases")
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--tracking-uri")
+    _config_args(p)
+
+    p = add("evaluate", cmd_evaluate, "Dice, HD95 and surface Dice per case and class")
+    p.add_argument("--predictions", type=Path, nargs="+", required=True)
+    p.add_argument("--output", type=Path, required=True)
+    p.add_argument("--manifest", type=Path, help="references: the labels of an ingest manifest")
+    p.add_argument("--labels", type=Path, help="references: a folder of label files named like the masks")
+    p.add_argument("--model-info", type=Path, nargs="*", default=[],
+                   help="model.json files of the trainings to log the evaluation to (MLflow)")
+    p.add_argument("--tracking-uri")
+    _config_args(p)
+
+    p = add("schema", cmd_schema, "print the JSON schema of the workflow config")
+    p.add_argument("--output", type=Path)
+
+    p = add("fetch-data", cmd_fetch_data, "download and verify a Medical Segmentation Decathlon task")
+    p.add_argument("--task", default="Task04_Hippocampus")
+    p.add_argument("--output", type=Path, default=Path("data/raw"))
+
+    p = add("report", cmd_report, "summarize a finished workflow run")
+    p.add_argument("--results", type=Path, default=Path("data/results"))
+    p.add_argument("--tracking-uri")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("alembic", "mlflow", "urllib3", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="monai")
+    try:
+        args.func(args)
+    except MedsegError as err:
+        print(f"medseg {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Typed configuration: the single source of truth for every setting.
+
+Each stage takes its own section (``IngestConfig``, ``PlanConfig``, ...). The whole
+workflow config (``WorkflowConfig``) adds the dataset and results paths that only the
+Snakemake workflow reads. Unknown keys are refused everywhere; ``configs/schema.json``
+is generated from these models (``medseg schema``) and a test checks it is current.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from medseg.errors import ConfigError
+
+Triple = tuple[float, float, float]
+
+
+class StrictModel(BaseModel):
+    """A model that refuses unknown keys and cannot be changed after it is built."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IngestConfig(StrictModel):
+    """How raw cases are read and checked."""
+
+    labels: dict[int, str] | None = Field(
+        default=None,
+        description="Label value -> name. Default: the dataset.json 'labels'; required for case sheets and DICOM.",
+    )
+    modality: str | None = Field(
+        default=None, description="'CT', 'MR', ... Default: the dataset.json modality of channel 0, else 'MR'."
+    )
+    affine_tolerance_mm: float = Field(
+        default=1e-3, gt=0, description="Largest difference allowed between image and label affines."
+    )
+
+
+class PlanConfig(StrictModel):
+    """Settings of the plan. Every value left null is chosen by the planning rules."""
+
+    target_spacing_mm: Triple | None = None
+    patch_size: tuple[int, ...] | None = None
+    batch_size: int | None = Field(default=None, ge=1)
+    normalization: Literal["ct", "zscore"] | None = None
+    dims: Literal[2, 3] | None = None
+    n_folds: int = Field(default=5, ge=2, description="Folds of the cross-validation split by case.")
+    seed: int = Field(default=12345, description="Seed of the fold split.")
+    max_patch_voxels: int = Field(default=128**3, ge=4096, description="Largest patch the planner chooses.")
+    max_batch_voxels: int = Field(
+        default=2 * 96**3, ge=4096, description="Voxel budget of a batch: batch size = budget // patch voxels."
+    )
+    max_batch_size: int = Field(default=8, ge=1)
+    anisotropy_threshold: float = Field(
+        default=3.0, gt=1, description="Largest/smallest spacing ratio above which the planner goes 2D."
+    )
+
+
+class PreprocessConfig(StrictModel):
+    """Resampling and cropping."""
+
+    crop_foreground: bool = Field(default=True, description="Crop each case to its non-zero region.")
+    workers: int = Field(default=1, ge=1, description="Cases processed at once.")
+
+
+class AugmentConfig(StrictModel):
+    """MONAI augmentation; probabilities are per sample."""
+
+    pos_neg_ratio: float = Field(default=1.0, ge=0, description="Foreground:background ratio of crop centres.")
+    flip_prob: float = Field(default=0.5, ge=0, le=1)
+    affine_prob: float = Field(default=0.2, ge=0, le=1)
+    rotate_deg: float = Field(default=15.0, ge=0)
+    scale: float = Field(default=0.15, ge=0, lt=1)
+    intensity_prob: float = Field(default=0.15, ge=0, le=1, description="Scale and shift intensities.")
+    noise_prob: float = Field(default=0.1, ge=0, le=1)
+    gamma_prob: float = Field(default=0.15, ge=0, le=1)
+
+
+class NetworkConfig(StrictModel):
+    """The network, chosen by name from ``medseg.networks``."""
+
+    name: Literal["unet", "dynunet", "flexunet"] = "unet"
+    channels: tuple[int, ...] = Field(default=(16, 32, 64, 128), description="Feature maps per level.")
+    num_res_units: int = Field(default=2, ge=0, description="unet only.")
+    backbone: str = Field(default="resnet18", description="flexunet only: a MONAI FlexibleUNet encoder.")
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+
+    @field_validator("channels")
+    @classmethod
+    def _two_levels(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if len(value) < 2:
+            raise ValueError(f"expected at least 2 levels, found {len(value)}")
+        return value
+
+
+class TrainConfig(StrictModel):
+    """Training schedule, loss and checkpoints."""
+
+    network: NetworkConfig = NetworkConfig()
+    augment: AugmentConfig = AugmentConfig()
+    folds: tuple[int, ...] = Field(default=(0,), description="Folds to train (each a Snakemake job).")
+    epochs: int = Field(default=100, ge=1)
+    iterations_per_epoch: int | None = Field(
+        default=None, ge=1, description="Batches per epoch; null = one pass over the training cases."
+    )
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    learning_rate: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-5, ge=0)
+    schedule: Literal["poly", "cosine", "constant"] = "poly"
+    val_every: int = Field(default=5, ge=1, description="Validate every N epochs (and after the last).")
+    seed: int = 0
+    num_workers: int = Field(default=1, ge=0, description="DataLoader worker processes.")
+    amp: bool = Field(default=True, description="Mixed precision (CUDA only).")
+    max_minutes: float | None = Field(
+        default=None, gt=0, description="Stop after the epoch that passes this wall time (a safety limit)."
+    )
+
+
+class PredictConfig(StrictModel):
+    """Sliding-window inference."""
+
+    overlap: float = Field(default=0.5, ge=0, lt=1)
+    sw_batch_size: int = Field(default=4, ge=1)
+    tta_flips: bool = Field(default=False, description="Average over flips along every spatial axis.")
+    gaussian: bool = Field(default=True, description="Gaussian weighting of window overlaps.")
+
+
+class EvaluateConfig(StrictModel):
+    """Metrics."""
+
+    surface_tolerance_mm: float = Field(default=1.0, gt=0, description="Tolerance of the surface Dice.")
+
+
+class TrackingConfig(StrictModel):
+    """MLflow."""
+
+    experiment: str = "medseg"
+    registered_model: str | None = Field(
+        default=None, description="Name in the model registry; null = 'medseg-<experiment>'."
+    )
+
+    @property
+    def model_name(self) -> str:
+        return self.registered_model or f"medseg-{self.experiment}"
+
+
+class WorkflowConfig(StrictModel):
+    """The whole config of the Snakemake workflow (``configs/config.yaml``)."""
+
+    dataset: str = Field(
+        default="data/raw/Task04_Hippocampus",
+        description="Input: an MSD/nnU-Net folder, a cases.tsv, or a folder of DICOM series.",
+    )
+    results: str = Field(default="data/results", description="Where every output goes; the MLflow store is <results>/mlflow.db.")
+    tracking_uri: str | None = Field(
+        default=None, description="MLflow store; null = sqlite:///<results>/mlflow.db."
+    )
+    ingest: IngestConfig = IngestConfig()
+    plan: PlanConfig = PlanConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    train: TrainConfig = TrainConfig()
+    predict: PredictConfig = PredictConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _format_validation(err: ValidationError, where: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{loc}'")
+        else:
+            parts.append(f"'{loc}': {e['msg']} (found {e.get('input')!r})")
+    return f"invalid config in {where}: " + "; ".join(parts)
+
+
+def validate(model: type[M], data: Any, where: str) -> M:
+    """Build ``model`` from plain data; raise ``ConfigError`` naming ``where`` and the bad keys."""
+    try:
+        return model.model_validate(data if data is not None else {})
+    except ValidationError as err:
+        raise ConfigError(_format_validation(err, where)) from None
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` updated by ``override`` recursively (neither is modified)."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors that name the file."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top, found {type(data).__name__}")
+    return data
+
+
+def load_workflow_config(*paths: Path) -> WorkflowConfig:
+    """Merge YAML files in order (later wins) and validate the result."""
+    merged: dict[str, Any] = {}
+    for path in paths:
+        merged = deep_merge(merged, read_yaml(path))
+    return validate(WorkflowConfig, merged, ", ".join(str(p) for p in paths) or "<defaults>")
+
+
+def section_from_sources(
+    model: type[M], section: str, *, config_files: list[Path], params_json: str | None
+) -> M:
+    """Build one stage's config for the command line.
+
+    ``config_files`` are workflow-style YAML files whose ``section`` is taken (other
+    sections are validated too, so a typo anywhere is reported); ``params_json`` is the
+    section itself as JSON, as the Snakemake rules pass it, and wins over the files.
+    """
+    data: dict[str, Any] = {}
+    if config_files:
+        data = load_workflow_config(*config_files).model_dump(mode="json")[section]
+    if params_json:
+        try:
+            override = json.loads(params_json)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"--params for '{section}' is not valid JSON: {err}") from None
+        if not isinstance(override, dict):
+            raise ConfigError(f"--params for '{section}': expected a JSON object, found {params_json!r}")
+        data = deep_merge(data, override)
+    return validate(model, data, f"section '{section}'" + (f" of {', '.join(map(str, config_files))}" if config_files else ""))
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of ``WorkflowConfig`` that Snakemake validates the config with."""
+    schema = WorkflowConfig.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema

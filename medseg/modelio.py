@@ -1,0 +1,113 @@
+"""Trained models on disk and in the MLflow registry, with the spec that says how to use them.
+
+A model is a network plus a ``ModelSpec``: the plan, the preprocess settings, the network
+config and the window size, so predict needs nothing but the model to reproduce the
+training-time preprocessing. In MLflow the network is logged with the pytorch flavour in
+its pickle format (which accepts any input size, unlike ``pt2``) and the spec travels as an
+extra file, ``medseg_spec.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from medseg.config import NetworkConfig, PreprocessConfig
+from medseg.errors import ModelError
+from medseg.stages.plan import Plan
+
+log = logging.getLogger(__name__)
+
+SPEC_FILE = "medseg_spec.json"
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    plan: Plan
+    preprocess: PreprocessConfig
+    network: NetworkConfig
+    roi_size: tuple[int, int, int]
+    fold: int | None = None
+
+
+def build_from_spec(spec: ModelSpec) -> nn.Module:
+    from medseg.networks import build_network
+
+    return build_network(
+        spec.network, patch_size=spec.roi_size, in_channels=spec.plan.channels, out_channels=spec.plan.n_classes
+    )
+
+
+def load_checkpoint_model(path: Path, device: torch.device) -> tuple[nn.Module, ModelSpec]:
+    """A network and its spec from a medseg checkpoint (``best.pt`` / ``last.pt``)."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+        spec = ModelSpec.model_validate(state["spec"])
+    except (KeyError, RuntimeError, ValueError, EOFError) as err:
+        raise ModelError(f"{path}: expected a medseg checkpoint, could not read it: {err}") from None
+    net = build_from_spec(spec)
+    net.load_state_dict(state["model"])
+    return net.to(device).eval(), spec
+
+
+def log_model(net: nn.Module, spec: ModelSpec, tmp_dir: Path, registered_name: str | None) -> Any:
+    """Log the network and its spec to the active MLflow run; register it if a name is given."""
+    import mlflow.pytorch
+
+    spec_path = Path(tmp_dir) / SPEC_FILE
+    spec_path.write_text(spec.model_dump_json(indent=2))
+    return mlflow.pytorch.log_model(
+        net.cpu().eval(),
+        name="model",
+        serialization_format="pickle",
+        extra_files=[str(spec_path)],
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "monai", "medseg"],
+        registered_model_name=registered_name,
+    )
+
+
+def load_mlflow_model(uri: str, device: torch.device, tracking_uri: str | None) -> tuple[nn.Module, ModelSpec]:
+    """A network and its spec from ``models:/<name>/<version|@alias>`` or ``runs:/<id>/model``."""
+    import mlflow
+    import mlflow.pytorch
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        net = mlflow.pytorch.load_model(str(local), map_location=device)
+    except Exception as err:  # MLflow raises several kinds for unknown names/versions
+        raise ModelError(f"cannot load model {uri} from {tracking_uri or 'the default store'}: {err}") from None
+    spec_files = list(local.rglob(SPEC_FILE))
+    if not spec_files:
+        raise ModelError(f"model {uri} has no {SPEC_FILE}: it was not logged by medseg")
+    spec = ModelSpec.model_validate(json.loads(spec_files[0].read_text()))
+    return net.to(device).eval(), spec
+
+
+def load_model(ref: str, device: torch.device, tracking_uri: str | None) -> tuple[nn.Module, ModelSpec]:
+    """Load a model from an MLflow URI or a checkpoint path."""
+    if ref.startswith(("models:/", "runs:/")):
+        return load_mlflow_model(ref, device, tracking_uri)
+    return load_checkpoint_model(Path(ref), device)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ModelError(f"unknown device '{name}': {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device '{name}' asked for, but CUDA is not available here")
+    return device

@@ -1,0 +1,172 @@
+"""Find the cases of a dataset: MSD / nnU-Net folders, case sheets, folders of DICOM series."""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from medseg.errors import DataError
+from medseg.io import is_nifti, read_json, strip_nifti_suffix
+
+SourceKind = Literal["msd", "nnunet", "sheet", "dicom", "nifti"]
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+@dataclass(frozen=True)
+class CaseSource:
+    """Where one case's files are: one path per channel (or one DICOM folder), optional label."""
+
+    case_id: str
+    images: tuple[Path, ...]
+    label: Path | None = None
+    kind: Literal["nifti", "dicom"] = "nifti"
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """The cases found in an input, with what the input declares about them."""
+
+    root: Path
+    kind: SourceKind
+    cases: tuple[CaseSource, ...]
+    labels: dict[int, str] | None = None
+    modality: str | None = None
+    test_cases: tuple[CaseSource, ...] = field(default=())
+
+
+def _resolve(base: Path, rel: str) -> Path:
+    path = Path(rel)
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def _group_channels(files: list[Path]) -> dict[str, list[Path]]:
+    """Group ``case_0000.nii.gz``, ``case_0001.nii.gz`` by case; files without a suffix are one channel."""
+    groups: dict[str, list[tuple[int, Path]]] = {}
+    for path in files:
+        stem = strip_nifti_suffix(path.name)
+        match = _CHANNEL.match(stem)
+        case, channel = (match["case"], int(match["channel"])) if match else (stem, 0)
+        groups.setdefault(case, []).append((channel, path))
+    return {case: [p for _, p in sorted(items)] for case, items in sorted(groups.items())}
+
+
+def _labels_from_json(info: dict, where: Path) -> dict[int, str] | None:
+    labels = info.get("labels")
+    if labels is None:
+        return None
+    try:
+        if all(str(k).lstrip("-").isdigit() for k in labels):  # MSD: {"0": "background"}
+            return {int(k): str(v) for k, v in labels.items()}
+        return {int(v): str(k) for k, v in labels.items()}  # nnU-Net v2: {"background": 0}
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: expected 'labels' to map integers to names, found {labels!r}") from None
+
+
+def _modality_from_json(info: dict) -> str | None:
+    modality = info.get("modality") or info.get("channel_names")
+    if isinstance(modality, dict) and modality:
+        return str(modality.get("0", next(iter(modality.values()))))
+    return None
+
+
+def read_dataset_folder(root: Path) -> DatasetSource:
+    """An MSD (``training`` list) or nnU-Net v2 (``channel_names``, ``file_ending``) folder."""
+    meta_path = root / "dataset.json"
+    info = read_json(meta_path)
+    labels = _labels_from_json(info, meta_path)
+    modality = _modality_from_json(info)
+    if "training" in info:
+        cases = []
+        for entry in info["training"]:
+            image = _resolve(root, entry["image"])
+            label = _resolve(root, entry["label"]) if entry.get("label") else None
+            case_id = strip_nifti_suffix(image.name)
+            cases.append(CaseSource(case_id, (image,), label))
+        tests = []
+        for entry in info.get("test", []):
+            image = _resolve(root, entry if isinstance(entry, str) else entry["image"])
+            tests.append(CaseSource(strip_nifti_suffix(image.name), (image,)))
+        return DatasetSource(root, "msd", tuple(cases), labels, modality, tuple(tests))
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    if not images_dir.is_dir():
+        raise DataError(f"{root}: expected imagesTr/ beside dataset.json, found none")
+    ending = info.get("file_ending", ".nii.gz")
+    groups = _group_channels(sorted(p for p in images_dir.iterdir() if p.name.endswith(ending) and not p.name.startswith("._")))
+    cases = tuple(CaseSource(case, tuple(paths), labels_dir / f"{case}{ending}") for case, paths in groups.items())
+    test_dir = root / "imagesTs"
+    tests: tuple[CaseSource, ...] = ()
+    if test_dir.is_dir():
+        tgroups = _group_channels(sorted(p for p in test_dir.iterdir() if p.name.endswith(ending) and not p.name.startswith("._")))
+        tests = tuple(CaseSource(case, tuple(paths)) for case, paths in tgroups.items())
+    return DatasetSource(root, "nnunet", cases, labels, modality, tests)
+
+
+def read_case_sheet(sheet: Path) -> DatasetSource:
+    """A tab-separated ``cases.tsv``: columns ``case_id``, ``image`` (paths joined by ';'), optional ``label``.
+
+    Relative paths are relative to the sheet's folder.
+    """
+    base = sheet.parent
+    with open(sheet, newline="") as handle:
+        reader = csv.DictReader(handle, delimiter="\t")
+        missing = {"case_id", "image"} - set(reader.fieldnames or [])
+        if missing:
+            raise DataError(f"{sheet}: expected columns case_id, image (and optional label), missing {sorted(missing)}")
+        cases = []
+        seen: set[str] = set()
+        for line_no, row in enumerate(reader, start=2):
+            case_id = (row.get("case_id") or "").strip()
+            if not case_id or not (row.get("image") or "").strip():
+                raise DataError(f"{sheet}:{line_no}: expected a case_id and an image path, found {row!r}")
+            if case_id in seen:
+                raise DataError(f"{sheet}:{line_no}: case_id '{case_id}' appears twice")
+            seen.add(case_id)
+            images = tuple(_resolve(base, p.strip()) for p in row["image"].split(";") if p.strip())
+            label = (row.get("label") or "").strip()
+            kind = "dicom" if len(images) == 1 and images[0].is_dir() else "nifti"
+            cases.append(CaseSource(case_id, images, _resolve(base, label) if label else None, kind))
+    return DatasetSource(sheet, "sheet", tuple(cases))
+
+
+def read_dicom_folder(root: Path) -> DatasetSource:
+    """A folder with one sub-folder per case, each holding one DICOM series."""
+    cases = tuple(
+        CaseSource(sub.name, (sub,), None, "dicom")
+        for sub in sorted(root.iterdir())
+        if sub.is_dir() and not sub.name.startswith(".")
+    )
+    return DatasetSource(root, "dicom", cases)
+
+
+def read_nifti_folder(root: Path) -> DatasetSource:
+    """A plain folder of NIfTI scans (``case.nii.gz`` or ``case_0000.nii.gz``), no labels."""
+    groups = _group_channels(sorted(p for p in root.iterdir() if is_nifti(p)))
+    return DatasetSource(root, "nifti", tuple(CaseSource(c, tuple(p)) for c, p in groups.items()))
+
+
+def discover(path: Path) -> DatasetSource:
+    """Recognise the kind of input at ``path`` and list its cases."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"input not found: {path}")
+    if path.is_file():
+        if path.suffix in (".tsv", ".txt"):
+            return read_case_sheet(path)
+        raise DataError(f"{path}: expected a folder or a .tsv case sheet, found a {path.suffix or 'plain'} file")
+    if (path / "dataset.json").exists():
+        return read_dataset_folder(path)
+    if (path / "cases.tsv").exists():
+        return read_case_sheet(path / "cases.tsv")
+    if any(is_nifti(p) for p in path.iterdir()):
+        return read_nifti_folder(path)
+    from medseg.dicom import is_dicom_series_folder  # pydicom only when needed
+
+    subfolders = [p for p in path.iterdir() if p.is_dir()]
+    if subfolders and any(is_dicom_series_folder(p) for p in subfolders):
+        return read_dicom_folder(path)
+    raise DataError(
+        f"{path}: expected dataset.json (MSD/nnU-Net), cases.tsv, NIfTI files or DICOM series folders; found none"
+    )

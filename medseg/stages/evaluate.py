@@ -1,0 +1,220 @@
+"""evaluate: Dice, 95th percentile Hausdorff distance and surface Dice per case and class.
+
+Metrics are MONAI's, computed in each reference label's own grid with its voxel spacing.
+Conventions: a class absent from both mask and reference has Dice 1 and surface Dice 1,
+and no distance (NaN); a class absent from only one of them has Dice 0 and HD95 NaN
+(reported, and left out of the means, which count only finite values).
+
+Outputs in ``out_dir``: ``metrics.csv`` (a row per case and class), ``summary.json`` (mean,
+median and standard deviation per class and metric; ``mean_dice`` over the foreground
+classes), ``metrics.png`` (box plots).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medseg.config import EvaluateConfig
+from medseg.errors import DataError, GeometryMismatchError
+from medseg.io import atomic_path, is_nifti, load_nifti, strip_nifti_suffix, write_json
+from medseg.manifest import load_manifest
+
+log = logging.getLogger(__name__)
+
+METRICS = ("dice", "hd95_mm", "surface_dice")
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    out_dir: Path
+    summary: dict
+    n_cases: int
+
+
+def case_metrics(
+    pred: np.ndarray, ref: np.ndarray, labels: Sequence[int], spacing_mm: Sequence[float], tolerance_mm: float
+) -> dict[int, dict[str, float]]:
+    """Metrics per foreground label for one case (integer masks of one shape)."""
+    import torch
+    from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
+
+    if pred.shape != ref.shape:
+        raise GeometryMismatchError(f"expected the reference shape {ref.shape}, found {pred.shape}")
+    classes = list(labels)
+    p = torch.stack([torch.as_tensor(pred == c) for c in classes])[None].float()
+    r = torch.stack([torch.as_tensor(ref == c) for c in classes])[None].float()
+    spacing = [float(s) for s in spacing_mm]
+    dice = compute_dice(p, r, include_background=True, ignore_empty=False)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns on empty masks; we report NaN for them
+        hd = compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=spacing)[0]
+        sd = compute_surface_dice(
+            p, r, class_thresholds=[tolerance_mm] * len(classes), include_background=True, spacing=spacing
+        )[0]
+    out = {}
+    for i, c in enumerate(classes):
+        p_any, r_any = bool(p[0, i].any()), bool(r[0, i].any())
+        hd_value = float(hd[i]) if p_any and r_any else math.nan
+        sd_value = 1.0 if not p_any and not r_any else (float(sd[i]) if p_any and r_any else 0.0)
+        out[c] = {
+            "dice": float(dice[i]),
+            "hd95_mm": hd_value if math.isfinite(hd_value) else math.nan,
+            "surface_dice": sd_value,
+            "ref_voxels": int(r[0, i].sum()),
+            "pred_voxels": int(p[0, i].sum()),
+        }
+    return out
+
+
+def _references(manifest_path: Path | None, labels_dir: Path | None) -> tuple[dict[str, Path], dict[int, str] | None]:
+    if manifest_path is not None:
+        manifest, root = load_manifest(manifest_path)
+        refs = {r.case_id: root / r.label for r in manifest.cases if r.label}
+        return refs, manifest.labels
+    if labels_dir is not None:
+        return {strip_nifti_suffix(p.name): p for p in Path(labels_dir).iterdir() if is_nifti(p)}, None
+    raise DataError("evaluate needs references: a manifest or a labels folder")
+
+
+def _box_plot(rows: list[dict], names: dict[int, str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 4))
+    for ax, metric in zip(axes, METRICS):
+        data, ticks = [], []
+        for label, name in names.items():
+            values = [r[metric] for r in rows if r["label"] == label and math.isfinite(r[metric])]
+            data.append(values or [math.nan])
+            ticks.append(name)
+        ax.boxplot(data)
+        ax.set_xticks(range(1, len(ticks) + 1), ticks)
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{len({r['case_id'] for r in rows})} cases")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def summarize(rows: list[dict], names: dict[int, str]) -> dict:
+    per_class = {}
+    for label, name in names.items():
+        stats = {}
+        for metric in METRICS:
+            values = np.array([r[metric] for r in rows if r["label"] == label], dtype=float)
+            finite = values[np.isfinite(values)]
+            stats[metric] = {
+                "mean": float(finite.mean()) if finite.size else None,
+                "median": float(np.median(finite)) if finite.size else None,
+                "std": float(finite.std()) if finite.size else None,
+                "n": int(finite.size),
+            }
+        per_class[name] = stats
+    means = [s["dice"]["mean"] for s in per_class.values() if s["dice"]["mean"] is not None]
+    return {
+        "n_cases": len({r["case_id"] for r in rows}),
+        "mean_dice": float(np.mean(means)) if means else None,
+        "classes": per_class,
+    }
+
+
+def evaluate(
+    prediction_dirs: Sequence[Path],
+    out_dir: Path,
+    config: EvaluateConfig | None = None,
+    *,
+    manifest_path: Path | None = None,
+    labels_dir: Path | None = None,
+    labels: dict[int, str] | None = None,
+) -> EvaluateResult:
+    """Compare every mask in ``prediction_dirs`` with its reference; see the module doc."""
+    config = config or EvaluateConfig()
+    refs, declared = _references(manifest_path, labels_dir)
+    names = {k: v for k, v in sorted((labels or declared or {}).items()) if k != 0}
+    preds = {strip_nifti_suffix(p.name): p for d in prediction_dirs for p in sorted(Path(d).iterdir()) if is_nifti(p)}
+    if not preds:
+        raise DataError(f"no predicted masks found in {', '.join(map(str, prediction_dirs))}")
+    if not names:  # nothing declared: every value found in any reference or mask
+        found: set[int] = set()
+        for case_id, pred_path in preds.items():
+            for path in (pred_path, refs.get(case_id)):
+                if path is not None and path.exists():
+                    try:
+                        found |= {int(v) for v in np.unique(np.asarray(load_nifti(path).dataobj).round())}
+                    except DataError:
+                        continue
+        names = {v: str(v) for v in sorted(found - {0})}
+    rows: list[dict] = []
+    for case_id, pred_path in sorted(preds.items()):
+        if case_id not in refs:
+            log.error("case %s: no reference label for %s; left out", case_id, pred_path)
+            continue
+        try:
+            pred_img, ref_img = load_nifti(pred_path), load_nifti(refs[case_id])
+            if not np.allclose(pred_img.affine, ref_img.affine, atol=1e-3):
+                raise GeometryMismatchError(f"{pred_path}: expected the affine of {refs[case_id]}, found another")
+            ref = np.asarray(ref_img.dataobj).round().astype(np.int64)
+            pred = np.asarray(pred_img.dataobj).round().astype(np.int64)
+            spacing = np.sqrt((ref_img.affine[:3, :3] ** 2).sum(axis=0))
+            try:
+                metrics = case_metrics(pred, ref, list(names), spacing, config.surface_tolerance_mm)
+            except GeometryMismatchError as err:
+                raise GeometryMismatchError(f"{pred_path}: {err}") from None
+        except DataError as err:
+            log.error("case %s left out: %s", case_id, err)
+            continue
+        for label, values in metrics.items():
+            rows.append({"case_id": case_id, "label": label, "label_name": names[label], **values})
+    if not rows:
+        raise DataError("no case could be evaluated (see the log)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "metrics.csv") as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    summary = summarize(rows, names)
+    write_json(out_dir / "summary.json", summary)
+    _box_plot(rows, names, out_dir / "metrics.png")
+    log.info("evaluated %d cases: mean Dice %.4f", summary["n_cases"], summary["mean_dice"] or math.nan)
+    return EvaluateResult(out_dir, summary, summary["n_cases"])
+
+
+def log_to_mlflow(result: EvaluateResult, tracking_uri: str, model_infos: Sequence[Path]) -> list[str]:
+    """Log the summary metrics and files to the parent run of the trainings that made the models."""
+    import mlflow
+
+    from medseg.io import read_json
+
+    mlflow.set_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient()
+    targets: list[str] = []
+    for info_path in model_infos:
+        run_id = read_json(info_path).get("run_id")
+        if not run_id:
+            continue
+        parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId", run_id)
+        if parent not in targets:
+            targets.append(parent)
+    for run_id in targets:
+        client.log_metric(run_id, "eval_mean_dice", result.summary["mean_dice"] or math.nan)
+        for name, stats in result.summary["classes"].items():
+            for metric in METRICS:
+                if stats[metric]["mean"] is not None:
+                    client.log_metric(run_id, f"eval_{metric}_{name}", stats[metric]["mean"])
+        for fname in ("metrics.csv", "summary.json", "metrics.png"):
+            client.log_artifact(run_id, str(result.out_dir / fname), artifact_path="evaluation")
+    return targets

@@ -1,0 +1,210 @@
+"""ingest: raw cases (MSD/nnU-Net folder, case sheet, DICOM series) to canonical NIfTI and a manifest.
+
+Each case is checked (readable, channels and label on one grid, no NaN or infinite voxels,
+label values declared). A bad case is logged with its file and problem, recorded under
+``failed`` in the manifest, and left out; the others go on. Raw inputs are only read.
+
+Outputs in ``out_dir``: ``images/<case>.nii.gz`` (float32; 4D with channels last when there
+are several), ``labels/<case>.nii.gz`` (uint8), ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from medseg.config import IngestConfig
+from medseg.errors import DataError, GeometryMismatchError, LabelValueError
+from medseg.io import load_nifti, save_nifti, sha256
+from medseg.manifest import CaseRecord, FailedCase, IntensityStats, Manifest, SourceFile, save_manifest
+from medseg.sources import CaseSource, discover
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    manifest_path: Path
+    n_cases: int
+    n_failed: int
+
+
+@dataclass(frozen=True)
+class _Volume:
+    data: np.ndarray  # (x, y, z, channels) float32
+    affine: np.ndarray
+    path: Path
+
+
+def _load_image(case: CaseSource) -> _Volume:
+    if case.kind == "dicom":
+        from medseg.dicom import read_series
+
+        volume, affine = read_series(case.images[0])
+        return _Volume(volume[..., None].astype(np.float32), affine, case.images[0])
+    channels = []
+    affine = None
+    for path in case.images:
+        img = load_nifti(path)
+        data = np.asanyarray(img.dataobj)
+        if data.ndim == 3:
+            data = data[..., None]
+        elif data.ndim != 4:
+            raise DataError(f"{path}: expected a 3D image (or 4D with channels last), found {data.ndim}D {data.shape}")
+        if affine is None:
+            affine = img.affine
+        elif channels and data.shape[:3] != channels[0].shape[:3]:
+            raise GeometryMismatchError(
+                f"{path}: expected the shape of the first channel {channels[0].shape[:3]}, found {data.shape[:3]}"
+            )
+        elif not np.allclose(img.affine, affine, atol=1e-3):
+            raise GeometryMismatchError(f"{path}: its affine differs from the first channel {case.images[0]}")
+        channels.append(data.astype(np.float32))
+    data = np.concatenate(channels, axis=-1)
+    return _Volume(data, np.asarray(affine, dtype=np.float64), case.images[0])
+
+
+def _check_finite(volume: _Volume) -> None:
+    bad = ~np.isfinite(volume.data)
+    if bad.any():
+        raise DataError(f"{volume.path}: expected finite intensities, found {int(bad.sum())} NaN or infinite voxels")
+
+
+def _load_label(path: Path, image: _Volume, labels: dict[int, str] | None, tolerance: float) -> np.ndarray:
+    img = load_nifti(path)
+    data = np.asanyarray(img.dataobj)
+    if data.ndim == 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.shape != image.data.shape[:3]:
+        raise GeometryMismatchError(
+            f"{path}: expected the image's shape {image.data.shape[:3]} ({image.path.name}), found {data.shape}"
+        )
+    if not np.allclose(img.affine, image.affine, atol=tolerance):
+        worst = float(np.abs(img.affine - image.affine).max())
+        raise GeometryMismatchError(
+            f"{path}: expected the image's affine ({image.path.name}), found one that differs by {worst:.4g} mm"
+        )
+    if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
+        raise LabelValueError(f"{path}: expected whole-number label values, found fractions or NaN")
+    values = np.unique(data).astype(np.int64)
+    if labels is not None:
+        undeclared = sorted(set(values.tolist()) - set(labels))
+        if undeclared:
+            raise LabelValueError(f"{path}: expected label values {sorted(labels)}, found undeclared {undeclared}")
+    if values.min(initial=0) < 0 or values.max(initial=0) > 255:
+        raise LabelValueError(f"{path}: expected label values in 0..255, found {values.min()}..{values.max()}")
+    return data.astype(np.uint8)
+
+
+def _stats(data: np.ndarray, label: np.ndarray | None) -> list[IntensityStats]:
+    out = []
+    fg = label > 0 if label is not None and (label > 0).any() else None
+    for c in range(data.shape[-1]):
+        channel = data[..., c]
+        p_lo, p_hi = np.percentile(channel, [0.5, 99.5])
+        fg_values = channel[fg] if fg is not None else None
+        out.append(
+            IntensityStats(
+                min=float(channel.min()),
+                max=float(channel.max()),
+                mean=float(channel.mean()),
+                std=float(channel.std()),
+                p00_5=float(p_lo),
+                p99_5=float(p_hi),
+                foreground_mean=float(fg_values.mean()) if fg_values is not None else None,
+                foreground_std=float(fg_values.std()) if fg_values is not None else None,
+            )
+        )
+    return out
+
+
+def ingest_case(
+    case: CaseSource, out_dir: Path, labels: dict[int, str] | None, config: IngestConfig
+) -> CaseRecord:
+    """Check and convert one case; raise a ``DataError`` that names the bad file."""
+    for path in case.images + ((case.label,) if case.label else ()):
+        if not path.exists():
+            raise DataError(f"file not found: {path}")
+    image = _load_image(case)
+    _check_finite(image)
+    label = _load_label(case.label, image, labels, config.affine_tolerance_mm) if case.label else None
+    sources = [SourceFile(path=str(p), sha256=sha256(p)) for p in case.images if p.is_file()]
+    if case.label:
+        sources.append(SourceFile(path=str(case.label), sha256=sha256(case.label)))
+    data = image.data[..., 0] if image.data.shape[-1] == 1 else image.data
+    image_rel = f"images/{case.case_id}.nii.gz"
+    save_nifti(out_dir / image_rel, data, image.affine)
+    label_rel = None
+    label_voxels = None
+    if label is not None:
+        label_rel = f"labels/{case.case_id}.nii.gz"
+        save_nifti(out_dir / label_rel, label, image.affine)
+        values, counts = np.unique(label, return_counts=True)
+        label_voxels = {int(v): int(n) for v, n in zip(values, counts)}
+    zooms = np.sqrt((image.affine[:3, :3] ** 2).sum(axis=0))
+    return CaseRecord(
+        case_id=case.case_id,
+        image=image_rel,
+        label=label_rel,
+        sources=sources,
+        shape=list(image.data.shape[:3]),
+        channels=int(image.data.shape[-1]),
+        spacing_mm=[float(z) for z in zooms],
+        orientation="".join(nib.aff2axcodes(image.affine)),
+        affine=image.affine.tolist(),
+        intensity=_stats(image.data, label),
+        label_voxels=label_voxels,
+    )
+
+
+def _failure(case: CaseSource, err: DataError) -> FailedCase:
+    message = str(err)
+    files = [str(p) for p in case.images + ((case.label,) if case.label else ())]
+    named = next((f for f in files if f in message), files[0])
+    log.error("case %s left out: %s", case.case_id, message)
+    return FailedCase(case_id=case.case_id, file=named, error=message)
+
+
+def ingest(source: Path, out_dir: Path, config: IngestConfig | None = None) -> IngestResult:
+    """Convert every case found at ``source`` into ``out_dir`` and write ``out_dir/manifest.json``."""
+    config = config or IngestConfig()
+    out_dir = Path(out_dir)
+    found = discover(Path(source))
+    labels = config.labels if config.labels is not None else found.labels
+    if labels is None and any(c.label for c in found.cases):
+        raise DataError(f"{source}: its cases have labels but no label names are declared; set ingest.labels")
+    if labels is not None and 0 not in labels:
+        labels = {0: "background", **labels}
+    modality = config.modality or found.modality or "MR"
+    records: list[CaseRecord] = []
+    failed: list[FailedCase] = []
+    tests: list[CaseRecord] = []
+    for group, target in ((found.cases, records), (found.test_cases, tests)):
+        for case in group:
+            try:
+                target.append(ingest_case(case, out_dir, labels, config))
+            except DataError as err:
+                failed.append(_failure(case, err))
+    if not records:
+        raise DataError(f"{source}: no case could be ingested ({len(failed)} failed; see the log)")
+    channels = {r.channels for r in records}
+    if len(channels) > 1:
+        raise DataError(f"{source}: expected one channel count for all cases, found {sorted(channels)}")
+    manifest = Manifest(
+        dataset=str(Path(source).resolve()),
+        kind=found.kind,
+        labels=labels,
+        modality=modality,
+        channels=channels.pop(),
+        cases=records,
+        failed=failed,
+        test_cases=tests,
+    )
+    manifest_path = out_dir / "manifest.json"
+    save_manifest(manifest, manifest_path)
+    log.info("ingested %d cases (%d test cases), %d left out -> %s", len(records), len(tests), len(failed), manifest_path)
+    return IngestResult(manifest_path, len(records), len(failed))

@@ -1,0 +1,256 @@
+"""plan: measure the dataset (a fingerprint) and choose the settings that later stages use.
+
+Rules (each can be overridden by setting the value in the ``plan`` config section):
+
+- **Frame**: spacings and shapes are measured after reorientation to RAS, as preprocess does.
+- **Target spacing**: the median spacing per axis. If the largest median spacing is more than
+  ``anisotropy_threshold`` times the smallest, the coarse axis takes the 10th percentile of its
+  spacings instead (as nnU-Net does), so thin-slice cases are not thrown away.
+- **Dims**: 2D (slices across the coarse axis) if the data are anisotropic by that threshold,
+  else 3D.
+- **Patch size**: the median shape after resampling, rounded up to a multiple of 8 per axis
+  (at least 16), then its largest axis reduced by 8 until it holds at most
+  ``max_patch_voxels``. In 2D the coarse axis gets 1.
+- **Batch size**: ``max_batch_voxels // patch voxels``, between 2 and ``max_batch_size``.
+- **Normalization**: CT clips each channel to the 0.5 and 99.5 percentiles of the foreground
+  intensities of all cases, then subtracts their mean and divides by their standard deviation;
+  any other modality is z-scored per case and channel.
+- **Folds**: cases sorted by id, shuffled with ``seed``, dealt into ``n_folds`` folds.
+
+Outputs: ``plan.json`` (a ``Plan``) and ``splits.json`` (one ``{"train", "val"}`` per fold).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import nibabel as nib
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from medseg.config import PlanConfig
+from medseg.errors import DataError
+from medseg.io import load_nifti, read_json, write_json
+from medseg.manifest import CaseRecord, load_manifest
+
+log = logging.getLogger(__name__)
+
+FOREGROUND_SAMPLES_PER_CASE = 10_000
+
+
+class Fingerprint(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    n_cases: int
+    spacing_median_mm: list[float]
+    spacing_p10_mm: list[float]
+    shape_median: list[float]
+    shape_min: list[int]
+    shape_max: list[int]
+    foreground_intensity: list[dict[str, float]]
+    class_frequency: dict[int, float]
+
+
+class Plan(BaseModel):
+    """Settings chosen for a dataset; preprocess, train and predict read it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    modality: str
+    channels: int
+    labels: dict[int, str]
+    target_spacing_mm: tuple[float, float, float]
+    patch_size: tuple[int, int, int]
+    batch_size: int
+    normalization: Literal["ct", "zscore"]
+    ct_clip: list[tuple[float, float]] | None = None
+    ct_mean: list[float] | None = None
+    ct_std: list[float] | None = None
+    dims: Literal[2, 3]
+    median_shape_resampled: list[int]
+    fingerprint: Fingerprint
+
+    @property
+    def n_classes(self) -> int:
+        return max(self.labels) + 1
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    plan_path: Path
+    splits_path: Path
+    plan: Plan
+
+
+def ras_spacing_and_shape(record: CaseRecord) -> tuple[np.ndarray, np.ndarray]:
+    """Spacing and shape of a case in the RAS-reoriented voxel order."""
+    ornt = nib.io_orientation(np.asarray(record.affine))
+    spacing = np.zeros(3)
+    shape = np.zeros(3, dtype=int)
+    for voxel_axis, (world_axis, _) in enumerate(ornt):
+        spacing[int(world_axis)] = record.spacing_mm[voxel_axis]
+        shape[int(world_axis)] = record.shape[voxel_axis]
+    return spacing, shape
+
+
+def _round_up(value: float, multiple: int) -> int:
+    return max(2 * multiple, int(math.ceil(value / multiple)) * multiple)
+
+
+def choose_patch_size(median_shape: np.ndarray, max_voxels: int, coarse_axis: int | None) -> tuple[int, int, int]:
+    """Median shape rounded up to multiples of 8 and shrunk to the voxel budget (see module doc)."""
+    patch = [_round_up(s, 8) for s in median_shape]
+    if coarse_axis is not None:
+        patch[coarse_axis] = 1
+    while math.prod(patch) > max_voxels:
+        largest = int(np.argmax(patch))
+        if patch[largest] <= 16:
+            break
+        patch[largest] -= 8
+    return (patch[0], patch[1], patch[2])
+
+
+def make_splits(case_ids: list[str], n_folds: int, seed: int) -> list[dict[str, list[str]]]:
+    """Deterministic k-fold split by case."""
+    if len(case_ids) < n_folds:
+        raise DataError(f"expected at least n_folds={n_folds} cases for the split, found {len(case_ids)}")
+    ids = sorted(case_ids)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    folds = [sorted(ids[i] for i in order[k::n_folds]) for k in range(n_folds)]
+    return [
+        {"train": sorted(c for j, f in enumerate(folds) if j != k for c in f), "val": folds[k]}
+        for k in range(n_folds)
+    ]
+
+
+def _fingerprint(records: list[CaseRecord], root: Path, n_classes: int, seed: int) -> tuple[Fingerprint, np.ndarray, np.ndarray, list[np.ndarray]]:
+    spacings, shapes = zip(*(ras_spacing_and_shape(r) for r in records))
+    spacings_arr, shapes_arr = np.array(spacings), np.array(shapes)
+    rng = np.random.default_rng(seed)
+    channels = records[0].channels
+    samples: list[list[np.ndarray]] = [[] for _ in range(channels)]
+    class_voxels = np.zeros(n_classes, dtype=np.int64)
+    for record in records:
+        for value, count in (record.label_voxels or {}).items():
+            if value < n_classes:
+                class_voxels[value] += count
+        if record.label is None:
+            continue
+        label = np.asanyarray(load_nifti(root / record.label).dataobj)
+        fg = label > 0
+        if not fg.any():
+            continue
+        image = np.asanyarray(load_nifti(root / record.image).dataobj)
+        image = image[..., None] if image.ndim == 3 else image
+        for c in range(channels):
+            values = image[..., c][fg]
+            take = min(len(values), FOREGROUND_SAMPLES_PER_CASE)
+            samples[c].append(rng.choice(values, take, replace=False))
+    foreground = []
+    pooled = []
+    for c in range(channels):
+        values = np.concatenate(samples[c]) if samples[c] else np.zeros(1)
+        pooled.append(values)
+        lo, med, hi = np.percentile(values, [0.5, 50, 99.5])
+        foreground.append(
+            {"p00_5": float(lo), "p50": float(med), "p99_5": float(hi), "mean": float(values.mean()), "std": float(values.std())}
+        )
+    total = max(int(class_voxels.sum()), 1)
+    fingerprint = Fingerprint(
+        n_cases=len(records),
+        spacing_median_mm=np.median(spacings_arr, axis=0).tolist(),
+        spacing_p10_mm=np.percentile(spacings_arr, 10, axis=0).tolist(),
+        shape_median=np.median(shapes_arr, axis=0).tolist(),
+        shape_min=shapes_arr.min(axis=0).tolist(),
+        shape_max=shapes_arr.max(axis=0).tolist(),
+        foreground_intensity=foreground,
+        class_frequency={k: float(class_voxels[k]) / total for k in range(n_classes)},
+    )
+    return fingerprint, spacings_arr, shapes_arr, pooled
+
+
+def decide(fingerprint: Fingerprint, spacings: np.ndarray, shapes: np.ndarray, pooled: list[np.ndarray],
+           modality: str, labels: dict[int, str], config: PlanConfig) -> Plan:
+    """Apply the planning rules of the module doc to a fingerprint."""
+    median_spacing = np.median(spacings, axis=0)
+    anisotropic = median_spacing.max() / median_spacing.min() > config.anisotropy_threshold
+    coarse_axis = int(np.argmax(median_spacing)) if anisotropic else None
+    target = median_spacing.copy()
+    if coarse_axis is not None:
+        target[coarse_axis] = np.percentile(spacings[:, coarse_axis], 10)
+    if config.target_spacing_mm is not None:
+        target = np.asarray(config.target_spacing_mm, dtype=float)
+    dims = config.dims or (2 if anisotropic else 3)
+    if dims == 2 and coarse_axis is None:
+        coarse_axis = int(np.argmax(target))
+    resampled = np.median(shapes * spacings / target, axis=0)
+    if config.patch_size is not None:
+        if len(config.patch_size) != 3:
+            raise DataError(f"plan.patch_size: expected 3 values (1 on the slice axis for 2D), found {config.patch_size}")
+        patch = tuple(int(p) for p in config.patch_size)
+    else:
+        patch = choose_patch_size(resampled, config.max_patch_voxels, coarse_axis if dims == 2 else None)
+    batch = config.batch_size or int(np.clip(config.max_batch_voxels // math.prod(patch), 2, config.max_batch_size))
+    normalization = config.normalization or ("ct" if modality.upper() == "CT" else "zscore")
+    ct = {}
+    if normalization == "ct":
+        clips = [(float(np.percentile(v, 0.5)), float(np.percentile(v, 99.5))) for v in pooled]
+        clipped = [np.clip(v, lo, hi) for v, (lo, hi) in zip(pooled, clips)]
+        ct = {
+            "ct_clip": clips,
+            "ct_mean": [float(v.mean()) for v in clipped],
+            "ct_std": [float(max(v.std(), 1e-8)) for v in clipped],
+        }
+    return Plan(
+        modality=modality,
+        channels=len(pooled),
+        labels=labels,
+        target_spacing_mm=(float(target[0]), float(target[1]), float(target[2])),
+        patch_size=(patch[0], patch[1], patch[2]),
+        batch_size=batch,
+        normalization=normalization,
+        dims=dims,
+        median_shape_resampled=[int(round(s)) for s in resampled],
+        fingerprint=fingerprint,
+        **ct,
+    )
+
+
+def plan(manifest_path: Path, out_dir: Path, config: PlanConfig | None = None) -> PlanResult:
+    """Write ``out_dir/plan.json`` and ``out_dir/splits.json`` for the cases of a manifest."""
+    config = config or PlanConfig()
+    manifest, root = load_manifest(manifest_path)
+    if not manifest.labels:
+        raise DataError(f"{manifest_path}: planning needs labelled cases, the manifest declares no labels")
+    labelled = [r for r in manifest.cases if r.label is not None]
+    if not labelled:
+        raise DataError(f"{manifest_path}: expected labelled cases, found none")
+    n_classes = max(manifest.labels) + 1
+    fingerprint, spacings, shapes, pooled = _fingerprint(labelled, root, n_classes, config.seed)
+    chosen = decide(fingerprint, spacings, shapes, pooled, manifest.modality, manifest.labels, config)
+    splits = make_splits([r.case_id for r in labelled], config.n_folds, config.seed)
+    out_dir = Path(out_dir)
+    plan_path, splits_path = out_dir / "plan.json", out_dir / "splits.json"
+    write_json(plan_path, chosen.model_dump(mode="json"))
+    write_json(splits_path, splits)
+    log.info(
+        "plan: %dD, spacing %s mm, patch %s, batch %d, normalization %s",
+        chosen.dims, chosen.target_spacing_mm, chosen.patch_size, chosen.batch_size, chosen.normalization,
+    )
+    return PlanResult(plan_path, splits_path, chosen)
+
+
+def load_plan(path: Path) -> Plan:
+    try:
+        return Plan.model_validate(read_json(path))
+    except ValueError as err:
+        raise DataError(f"{path} is not a medseg plan: {err}") from None
+
+
+def load_splits(path: Path, fold: int) -> dict[str, list[str]]:
+    splits = read_json(path)
+    if not 0 <= fold < len(splits):
+        raise DataError(f"{path}: expected a fold in 0..{len(splits) - 1}, found {fold}")
+    return splits[fold]

@@ -1,0 +1,322 @@
+"""train: one fold of the cross-validation, with MONAI augmentation, Dice+CE loss and checkpoints.
+
+Outputs in ``out_dir``: ``last.pt`` (every epoch) and ``best.pt`` (best validation Dice),
+both written atomically; ``history.json`` (per-epoch metrics); ``model.json`` (where the
+trained model is: a registry URI when tracking is on, else ``best.pt``).
+
+``resume=True`` continues from ``last.pt`` with the optimizer, scheduler, scaler, epoch,
+best score and random state. Each epoch reseeds from ``seed + epoch``, so an interrupted and
+resumed training gives the same weights as an uninterrupted one (on the same device).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medseg.config import TrackingConfig, TrainConfig
+from medseg.errors import DataError, ModelError
+from medseg.io import atomic_path, write_json
+from medseg.modelio import ModelSpec, build_from_spec, log_model, resolve_device
+from medseg.networks import network_roi
+from medseg.stages.plan import load_plan, load_splits
+from medseg.stages.preprocess import load_case, read_index
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where and how to track a training in MLflow (``uri=None``: no tracking)."""
+
+    uri: str | None
+    config: TrackingConfig = TrackingConfig()
+    artifact_root: Path | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out_dir: Path
+    best_dice: float
+    best_epoch: int
+    epochs_run: int
+    model_uri: str
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    if config.schedule == "poly":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: max(0.0, 1 - e / config.epochs) ** 0.9)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)
+
+
+def _optimizer(net: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            net.parameters(), lr=config.learning_rate, momentum=0.99, nesterov=True, weight_decay=config.weight_decay
+        )
+    return torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def validate_dice(
+    net: nn.Module, cases: list[dict[str, np.ndarray]], roi: tuple[int, ...], n_classes: int, device: torch.device
+) -> np.ndarray:
+    """Mean Dice per foreground class over ``cases`` (preprocessed space, sliding window)."""
+    from monai.inferers import sliding_window_inference
+    from monai.metrics import DiceMetric
+    from monai.networks.utils import one_hot
+
+    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+    net.eval()
+    with torch.no_grad():
+        for case in cases:
+            image = torch.as_tensor(case["image"])[None].to(device)
+            logits = sliding_window_inference(image, roi, 4, net, overlap=0.25, mode="gaussian")
+            pred = logits.argmax(1, keepdim=True).cpu()
+            label = torch.as_tensor(case["label"])[None].long()
+            metric(one_hot(pred, n_classes), one_hot(label, n_classes))
+    scores = metric.aggregate().cpu().numpy()
+    metric.reset()
+    return np.nan_to_num(scores, nan=0.0)
+
+
+def training_key(spec: ModelSpec, config: TrainConfig, split: dict[str, list[str]]) -> str:
+    """One key per training (all folds of one config): parent runs are found by it."""
+    blob = json.dumps([spec.plan.model_dump(mode="json"), config.model_dump(mode="json"), sorted(split["train"] + split["val"])])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def train(
+    preprocessed_dir: Path,
+    plan_path: Path,
+    splits_path: Path,
+    out_dir: Path,
+    config: TrainConfig | None = None,
+    *,
+    fold: int = 0,
+    device: str = "auto",
+    resume: bool = False,
+    stop_after_epoch: int | None = None,
+    tracking: Tracking | None = None,
+) -> TrainResult:
+    """Train one fold; see the module doc for outputs.
+
+    ``stop_after_epoch`` ends this run early (after that epoch, with checkpoints written) while
+    the schedule still spans ``config.epochs``: a job with a wall-time limit trains a part, and
+    a later ``resume=True`` run continues. No model is logged or registered until the end.
+    """
+    from monai.data import DataLoader, Dataset
+    from monai.losses import DiceCELoss
+    from monai.utils import set_determinism
+    from tqdm.auto import tqdm
+
+    from medseg.transforms import training_augmentation
+
+    config = config or TrainConfig()
+    tracking = tracking or Tracking(uri=None)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device)
+    plan = load_plan(plan_path)
+    pre_config, cached = read_index(Path(preprocessed_dir) / "index.json")
+    split = load_splits(splits_path, fold)
+    missing = [c for c in split["train"] + split["val"] if c not in cached]
+    if missing:
+        raise DataError(f"{splits_path}: fold {fold} names cases not in {preprocessed_dir}: {missing[:5]}")
+    roi = network_roi(plan.patch_size, config.network)
+    spec = ModelSpec(plan=plan, preprocess=pre_config, network=config.network, roi_size=roi, fold=fold)
+    n_classes = plan.n_classes
+    foreground_names = [plan.labels[k] for k in sorted(plan.labels) if k != 0]
+
+    set_determinism(seed=config.seed)
+    net = build_from_spec(spec).to(dev)
+    optimizer = _optimizer(net, config)
+    scheduler = _scheduler(optimizer, config)
+    use_amp = config.amp and dev.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp) if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler") else torch.cuda.amp.GradScaler(enabled=use_amp)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+
+    start_epoch, best_dice, best_epoch = 0, -1.0, -1
+    history: list[dict[str, float]] = []
+    run_id: str | None = None
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    if resume:
+        if not last_path.exists():
+            raise ModelError(f"--resume: expected a checkpoint at {last_path}, found none")
+        state = torch.load(last_path, map_location=dev, weights_only=False)
+        if ModelSpec.model_validate(state["spec"]) != spec:
+            raise ModelError(f"--resume: {last_path} was trained with another plan or network; start afresh")
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, best_dice, best_epoch = state["epoch"], state["best_dice"], state["best_epoch"]
+        history, run_id = state["history"], state.get("run_id")
+        _set_rng_state(state["rng"])
+        log.info("resuming fold %d at epoch %d (best Dice %.4f)", fold, start_epoch, best_dice)
+
+    train_cases = [load_case(preprocessed_dir, c) for c in split["train"]]
+    val_cases = [load_case(preprocessed_dir, c) for c in split["val"]]
+    augment = training_augmentation(roi, config.augment, dims=plan.dims)
+    dataset = Dataset(train_cases, transform=augment)
+    batch_size = min(plan.batch_size, len(train_cases))
+
+    mlflow = None
+    run_ctx: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if tracking.uri is not None:
+        import mlflow as _mlflow
+
+        from medseg import tracking as trk
+
+        mlflow = _mlflow
+        exp_name = tracking.config.experiment
+        trk.experiment_id(tracking.uri, exp_name, tracking.artifact_root)
+        common_tags = {**tracking.tags}
+        if commit := trk.git_commit():
+            common_tags["git.commit"] = commit
+        parent = trk.parent_run(
+            exp_name, training_key(spec, config, split), f"{exp_name}-train", out_dir.parent / ".parent.lock", common_tags
+        )
+        if run_id is None:
+            run_ctx = mlflow.start_run(
+                run_name=f"fold_{fold}", parent_run_id=parent,
+                experiment_id=mlflow.get_experiment_by_name(exp_name).experiment_id,
+                tags={**common_tags, "fold": str(fold)},
+            )
+        else:
+            run_ctx = mlflow.start_run(run_id=run_id)
+
+    started = time.monotonic()
+    with run_ctx as run:
+        if mlflow is not None and run_id is None:
+            run_id = run.info.run_id
+            trk.log_params(
+                trk.flatten({"train": config.model_dump(mode="json"), "preprocess": pre_config.model_dump(mode="json")})
+                | trk.flatten({k: v for k, v in plan.model_dump(mode="json").items() if k != "fingerprint"}, "plan.")
+                | {"fold": str(fold), "roi_size": str(roi), "n_train": str(len(train_cases)), "n_val": str(len(val_cases))}
+            )
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / "plan.json").write_text(plan.model_dump_json(indent=2))
+                (Path(tmp) / "train_config.json").write_text(config.model_dump_json(indent=2))
+                mlflow.log_artifacts(tmp, artifact_path="config")
+        progress = tqdm(
+            total=config.epochs, initial=start_epoch, desc=f"fold {fold}", unit="epoch", file=sys.stderr,
+            mininterval=0 if sys.stderr.isatty() else 30, disable=None,
+        )
+        epoch = start_epoch
+        for epoch in range(start_epoch, config.epochs):
+            set_determinism(seed=config.seed + epoch)
+            augment.set_random_state(seed=config.seed + epoch)
+            loader = DataLoader(
+                dataset, batch_size=batch_size, shuffle=True, num_workers=config.num_workers, drop_last=True,
+                persistent_workers=False,
+            )
+            net.train()
+            losses = []
+            t0 = time.monotonic()
+            target_iters = config.iterations_per_epoch or len(loader)
+            while len(losses) < target_iters:
+                for batch in loader:
+                    image, label = batch["image"].to(dev), batch["label"].to(dev)
+                    optimizer.zero_grad(set_to_none=True)
+                    with torch.autocast(device_type=dev.type, enabled=use_amp):
+                        loss = loss_fn(net(image), label)
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(net.parameters(), 12.0)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    losses.append(float(loss.detach()))
+                    if len(losses) >= target_iters:
+                        break
+            scheduler.step()
+            record: dict[str, float] = {
+                "epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"],
+                "epoch_seconds": time.monotonic() - t0,
+            }
+            elapsed_min = (time.monotonic() - started) / 60
+            out_of_time = config.max_minutes is not None and elapsed_min >= config.max_minutes
+            last_epoch = epoch + 1 == config.epochs or out_of_time
+            if (epoch + 1) % config.val_every == 0 or last_epoch:
+                scores = validate_dice(net, val_cases, roi, n_classes, dev)
+                record["val_dice"] = float(scores.mean())
+                record.update({f"val_dice_{name}": float(s) for name, s in zip(foreground_names, scores)})
+                if record["val_dice"] > best_dice:
+                    best_dice, best_epoch = record["val_dice"], epoch + 1
+                    _save(best_path, {"model": net.state_dict(), "spec": spec.model_dump(mode="json"), "epoch": epoch + 1, "val_dice": best_dice})
+                log.info("fold %d epoch %d: loss %.4f, val Dice %.4f (best %.4f at %d)", fold, epoch + 1, record["train_loss"], record["val_dice"], best_dice, best_epoch)
+            history.append(record)
+            if mlflow is not None:
+                mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
+            _save(last_path, {
+                "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "epoch": epoch + 1, "best_dice": best_dice, "best_epoch": best_epoch,
+                "history": history, "rng": _rng_state(), "spec": spec.model_dump(mode="json"), "run_id": run_id,
+            })
+            progress.set_postfix(loss=f"{record['train_loss']:.3f}", dice=f"{best_dice:.3f}")
+            progress.update(1)
+            if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < config.epochs:
+                progress.close()
+                log.info("fold %d: stopped after epoch %d as asked; continue with resume", fold, epoch + 1)
+                return TrainResult(out_dir, best_dice, best_epoch, epoch + 1, str(last_path.resolve()))
+            if out_of_time:
+                log.warning("fold %d: stopping after epoch %d, past max_minutes=%s", fold, epoch + 1, config.max_minutes)
+                break
+        progress.close()
+        write_json(out_dir / "history.json", history)
+
+        model_uri = str(best_path.resolve())
+        if mlflow is not None:
+            best_state = torch.load(best_path, map_location="cpu", weights_only=False)
+            final = build_from_spec(spec)
+            final.load_state_dict(best_state["model"])
+            mlflow.log_metrics({"best_val_dice": best_dice, "best_epoch": best_epoch})
+            mlflow.log_artifact(str(out_dir / "history.json"))
+            with tempfile.TemporaryDirectory() as tmp:
+                info = log_model(final, spec, Path(tmp), tracking.config.model_name)
+            version = getattr(info, "registered_model_version", None)
+            model_uri = f"models:/{tracking.config.model_name}/{version}" if version else info.model_uri
+        write_json(out_dir / "model.json", {
+            "model_uri": model_uri, "tracking_uri": tracking.uri, "run_id": run_id, "fold": fold,
+            "best_val_dice": best_dice, "best_epoch": best_epoch, "checkpoint": str(best_path.resolve()),
+        })
+    if not math.isfinite(best_dice) or best_epoch < 0:
+        raise ModelError(f"fold {fold}: training finished without a validation score")
+    log.info("fold %d done: best val Dice %.4f at epoch %d; model %s", fold, best_dice, best_epoch, model_uri)
+    return TrainResult(out_dir, best_dice, best_epoch, epoch + 1, model_uri)

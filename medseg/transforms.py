@@ -1,0 +1,124 @@
+"""MONAI transform chains shared by preprocess, train and predict.
+
+Preprocess and predict build the same chain from the plan, so a scan seen at prediction
+time goes through exactly what the training cases went through; predict then inverts the
+spatial steps (orientation, crop, resampling) with MONAI's ``Invertd``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # heavy imports stay inside functions
+    from monai.transforms import Compose
+
+    from medseg.config import AugmentConfig
+    from medseg.stages.plan import Plan
+
+
+def nonzero(x: Any) -> Any:
+    """Foreground for cropping: any channel non-zero (module level so workers can pickle it)."""
+    return x != 0
+
+
+def normalize_transform(plan: Plan, key: str = "image") -> Any:
+    from monai.transforms import Compose, NormalizeIntensityd, ScaleIntensityRanged
+
+    if plan.normalization == "zscore":
+        return NormalizeIntensityd(keys=key, channel_wise=True)
+    assert plan.ct_clip is not None and plan.ct_mean is not None and plan.ct_std is not None
+    steps = []
+    if plan.channels == 1:
+        (lo, hi), = plan.ct_clip
+        steps.append(ScaleIntensityRanged(keys=key, a_min=lo, a_max=hi, b_min=lo, b_max=hi, clip=True))
+        steps.append(NormalizeIntensityd(keys=key, subtrahend=plan.ct_mean[0], divisor=plan.ct_std[0]))
+    else:
+        from monai.transforms import Lambdad
+
+        import numpy as np
+
+        lows = np.array([c[0] for c in plan.ct_clip]).reshape(-1, 1, 1, 1)
+        highs = np.array([c[1] for c in plan.ct_clip]).reshape(-1, 1, 1, 1)
+        steps.append(Lambdad(keys=key, func=lambda x: x.clip(lows, highs)))
+        steps.append(NormalizeIntensityd(keys=key, subtrahend=plan.ct_mean, divisor=plan.ct_std, channel_wise=True))
+    return Compose(steps)
+
+
+def preprocessing(plan: Plan, *, crop_foreground: bool, with_label: bool) -> Compose:
+    """Load, reorient to RAS, crop to the non-zero region, resample, normalize."""
+    from monai.transforms import (
+        CastToTyped,
+        Compose,
+        CropForegroundd,
+        EnsureChannelFirstd,
+        LoadImaged,
+        Orientationd,
+        Spacingd,
+    )
+
+    keys = ["image", "label"] if with_label else ["image"]
+    modes = ["bilinear", "nearest"] if with_label else ["bilinear"]
+    steps: list[Any] = [
+        LoadImaged(keys=keys, reader="NibabelReader", image_only=True),
+        EnsureChannelFirstd(keys=keys),
+        CastToTyped(keys="image", dtype="float32"),
+        Orientationd(keys=keys, axcodes="RAS"),
+    ]
+    if crop_foreground:
+        steps.append(CropForegroundd(keys=keys, source_key="image", select_fn=nonzero, allow_smaller=True))
+    steps.append(Spacingd(keys=keys, pixdim=plan.target_spacing_mm, mode=modes))
+    steps.append(normalize_transform(plan))
+    return Compose(steps)
+
+
+def training_augmentation(patch_size: Sequence[int], augment: AugmentConfig, *, dims: int) -> Compose:
+    """Crops balanced between foreground and background, then spatial and intensity augmentation."""
+    import math
+
+    from monai.transforms import (
+        Compose,
+        RandAdjustContrastd,
+        RandAffined,
+        RandCropByPosNegLabeld,
+        RandFlipd,
+        RandGaussianNoised,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+        SpatialPadd,
+    )
+
+    keys = ["image", "label"]
+    rot = math.radians(augment.rotate_deg)
+    spatial_axes = [i for i, p in enumerate(patch_size) if p > 1]
+    rotate_range = [rot if i in spatial_axes else 0.0 for i in range(3)]
+    if dims == 2:  # rotate only in the slice plane
+        rotate_range = [0.0, 0.0, 0.0]
+        slice_axis = [i for i, p in enumerate(patch_size) if p == 1][0]
+        rotate_range[slice_axis] = rot
+    scale = [augment.scale if i in spatial_axes else 0.0 for i in range(3)]
+    pos = augment.pos_neg_ratio
+    steps: list[Any] = [
+        SpatialPadd(keys=keys, spatial_size=list(patch_size)),
+        RandCropByPosNegLabeld(
+            keys=keys, label_key="label", spatial_size=list(patch_size), pos=pos, neg=1.0 if pos > 0 else 1.0,
+            num_samples=1, allow_smaller=False,
+        ),
+    ]
+    if augment.affine_prob > 0:
+        steps.append(
+            RandAffined(
+                keys=keys, prob=augment.affine_prob, rotate_range=rotate_range, scale_range=scale,
+                mode=["bilinear", "nearest"], padding_mode="zeros",
+            )
+        )
+    if augment.flip_prob > 0:
+        steps += [RandFlipd(keys=keys, prob=augment.flip_prob, spatial_axis=a) for a in spatial_axes]
+    if augment.intensity_prob > 0:
+        steps.append(RandScaleIntensityd(keys="image", factors=0.1, prob=augment.intensity_prob))
+        steps.append(RandShiftIntensityd(keys="image", offsets=0.1, prob=augment.intensity_prob))
+    if augment.noise_prob > 0:
+        steps.append(RandGaussianNoised(keys="image", prob=augment.noise_prob, std=0.1))
+    if augment.gamma_prob > 0:
+        steps.append(RandAdjustContrastd(keys="image", prob=augment.gamma_prob, gamma=(0.7, 1.5)))
+    return Compose(steps)

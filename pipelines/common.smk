@@ -1,0 +1,9 @@
+# Shared by the rule files: the validated config with every default filled in.
+from medseg.tracking import default_tracking_uri
+from medseg.workflow import full_config, section_arg
+
+CFG = full_config(config)
+RESULTS = CFG["results"].rstrip("/")
+DATASET = CFG["dataset"]
+FOLDS = CFG["train"]["folds"]
+TRACKING_URI = CFG["tracking_uri"] or default_tracking_uri(RESULTS)

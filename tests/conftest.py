@@ -1,0 +1,88 @@
+"""Shared fixtures: the real data folder, and small real NIfTI datasets built in tmp_path."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_ENV = "MEDSEG_DATA"
+
+
+def _shared_data() -> Path:
+    return Path(os.environ.get(DATA_ENV, REPO.parent / "shared" / "data")).resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The read-only real data (../shared/data, or $MEDSEG_DATA). Missing data fails loudly."""
+    path = _shared_data()
+    if not (path / "hippocampus" / "dataset.json").exists():
+        pytest.fail(f"test data not found at {path}: put shared/ beside the checkout or set {DATA_ENV}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def venv_bin() -> Path:
+    """The folder of the running interpreter's scripts (medseg, snakemake)."""
+    return Path(sys.executable).parent
+
+
+def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    import nibabel as nib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+def hippocampus_subset(shared: Path, dest: Path, case_ids: list[str]) -> Path:
+    """An MSD folder at ``dest`` whose dataset.json lists real hippocampus cases (files linked, not copied)."""
+    src = shared / "hippocampus"
+    info = json.loads((src / "dataset.json").read_text())
+    (dest / "imagesTr").mkdir(parents=True)
+    (dest / "labelsTr").mkdir()
+    training = []
+    for case in case_ids:
+        for sub in ("imagesTr", "labelsTr"):
+            (dest / sub / f"{case}.nii.gz").symlink_to(src / sub / f"{case}.nii.gz")
+        training.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
+    info.update(training=training, numTraining=len(training))
+    (dest / "dataset.json").write_text(json.dumps(info, indent=1))
+    return dest
+
+
+def synthetic_case(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """An image with two bright boxes (labels 1 and 2) on a noisy background."""
+    label = np.zeros(shape, dtype=np.uint8)
+    cx, cy, cz = (s // 2 for s in shape)
+    ox, oy = rng.integers(-2, 3, size=2)
+    label[cx - 5 + ox : cx + ox, cy - 4 + oy : cy + 4 + oy, cz - 3 : cz + 3] = 1
+    label[cx + ox : cx + 5 + ox, cy - 4 + oy : cy + 4 + oy, cz - 3 : cz + 3] = 2
+    image = rng.normal(10.0, 1.0, size=shape).astype(np.float32)
+    image[label == 1] += 6
+    image[label == 2] += 12
+    return image, label
+
+
+def synthetic_msd(dest: Path, n_cases: int = 6, shape: tuple[int, int, int] = (24, 24, 16), seed: int = 0,
+                  affine: np.ndarray | None = None) -> Path:
+    """A small MSD folder of synthetic cases with known labels 0, 1, 2."""
+    rng = np.random.default_rng(seed)
+    training = []
+    for i in range(n_cases):
+        image, label = synthetic_case(rng, shape)
+        write_nifti(dest / "imagesTr" / f"case_{i:03d}.nii.gz", image, affine)
+        write_nifti(dest / "labelsTr" / f"case_{i:03d}.nii.gz", label, affine)
+        training.append({"image": f"./imagesTr/case_{i:03d}.nii.gz", "label": f"./labelsTr/case_{i:03d}.nii.gz"})
+    info = {
+        "name": "synthetic", "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "left", "2": "right"},
+        "training": training, "test": [],
+    }
+    (dest / "dataset.json").write_text(json.dumps(info))
+    return dest

@@ -1,0 +1,111 @@
+"""plan -> preprocess -> train -> predict on small synthetic cases: checkpoints, resume, geometry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import synthetic_case, synthetic_msd, write_nifti
+
+from medseg.config import NetworkConfig, PlanConfig, PredictConfig, TrainConfig
+from medseg.errors import ModelError
+from medseg.stages.ingest import ingest
+from medseg.stages.plan import plan
+from medseg.stages.predict import predict
+from medseg.stages.preprocess import preprocess
+from medseg.stages.train import train
+
+TINY = TrainConfig(
+    network=NetworkConfig(channels=(4, 8), num_res_units=0), epochs=3, val_every=1, num_workers=0, seed=3,
+)
+
+# LPS-oriented, anisotropic voxels with a translation: nothing like the RAS 1 mm grid the model sees.
+ODD_AFFINE = np.array([[-0.8, 0, 0, 40.0], [0, -0.9, 0, 12.0], [0, 0, 1.5, -7.0], [0, 0, 0, 1]])
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("prepared")
+    src = synthetic_msd(root / "msd", n_cases=6, affine=ODD_AFFINE)
+    manifest = ingest(src, root / "ingest").manifest_path
+    plan(manifest, root / "plan", PlanConfig(n_folds=3, target_spacing_mm=(1.0, 1.0, 1.0), batch_size=2))
+    preprocess(manifest, root / "plan" / "plan.json", root / "pre")
+    return root
+
+
+def _train(root: Path, out: Path, config: TrainConfig = TINY, **kwargs: object):  # noqa: ANN202
+    return train(root / "pre", root / "plan" / "plan.json", root / "plan" / "splits.json", out, config, **kwargs)
+
+
+def test_train_writes_checkpoints_and_history(prepared: Path, tmp_path: Path) -> None:
+    result = _train(prepared, tmp_path / "fold_0")
+    assert result.epochs_run == 3
+    for name in ("last.pt", "best.pt", "history.json", "model.json"):
+        assert (tmp_path / "fold_0" / name).exists()
+    history = __import__("json").loads((tmp_path / "fold_0" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert max(h["val_dice"] for h in history) == pytest.approx(result.best_dice)
+    assert result.model_uri == str((tmp_path / "fold_0" / "best.pt").resolve())
+    assert not list((tmp_path / "fold_0").glob(".*"))  # no temporary files left behind
+
+
+def test_resume_gives_the_same_weights(prepared: Path, tmp_path: Path) -> None:
+    _train(prepared, tmp_path / "straight")
+    _train(prepared, tmp_path / "resumed", stop_after_epoch=1)
+    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)["epoch"] == 1
+    result = _train(prepared, tmp_path / "resumed", resume=True)
+    assert result.epochs_run == 3
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0)
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+
+
+def test_resume_without_checkpoint_is_an_error(prepared: Path, tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="expected a checkpoint at"):
+        _train(prepared, tmp_path / "none", resume=True)
+
+
+def test_resume_with_another_network_is_refused(prepared: Path, tmp_path: Path) -> None:
+    _train(prepared, tmp_path / "f", stop_after_epoch=1)
+    other = TINY.model_copy(update={"network": NetworkConfig(channels=(4, 8, 16), num_res_units=0)})
+    with pytest.raises(ModelError, match="another plan or network"):
+        _train(prepared, tmp_path / "f", other, resume=True)
+
+
+def test_predict_restores_original_geometry(prepared: Path, tmp_path: Path) -> None:
+    _train(prepared, tmp_path / "fold_0")
+    scans = tmp_path / "scans"
+    rng = np.random.default_rng(9)
+    image, _ = synthetic_case(rng, (30, 22, 13))  # a shape and grid the training never saw
+    write_nifti(scans / "new_case.nii.gz", image, ODD_AFFINE)
+    write_nifti(scans / "other.nii.gz", image[:20], ODD_AFFINE @ np.diag([1, 1, 2, 1]))
+    config = PredictConfig(tta_flips=True)
+    result = predict(scans, tmp_path / "masks", [str(tmp_path / "fold_0" / "best.pt")] * 2, config)
+    assert sorted(p.name for p in result.written) == ["new_case.nii.gz", "other.nii.gz"]
+    for name in ("new_case", "other"):
+        src, mask = nib.load(str(scans / f"{name}.nii.gz")), nib.load(str(tmp_path / "masks" / f"{name}.nii.gz"))
+        assert mask.shape == src.shape
+        np.testing.assert_allclose(mask.affine, src.affine, atol=1e-6)
+        assert mask.get_data_dtype() == np.uint8
+        assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2}
+
+
+def test_predict_reports_bad_scan_and_goes_on(prepared: Path, tmp_path: Path) -> None:
+    _train(prepared, tmp_path / "fold_0", stop_after_epoch=None)
+    scans = tmp_path / "scans"
+    image, _ = synthetic_case(np.random.default_rng(1), (24, 24, 16))
+    write_nifti(scans / "good.nii.gz", image)
+    (scans / "broken.nii.gz").write_bytes(b"\x1f\x8b truncated")
+    result = predict(scans, tmp_path / "masks", [str(tmp_path / "fold_0" / "best.pt")])
+    assert [p.name for p in result.written] == ["good.nii.gz"]
+    assert "broken" in result.failed and str(scans / "broken.nii.gz") in result.failed["broken"]
+
+
+def test_predict_unknown_model_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="checkpoint not found"):
+        predict(tmp_path, tmp_path / "out", [str(tmp_path / "nope.pt")])

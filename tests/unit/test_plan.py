@@ -1,0 +1,296 @@
+"""Unit tests of medseg.stages.plan: patch size rule, fold splits, and plan() on an ingested dataset.
+
+The synthetic MSD dataset (built in tmp_path and ingested with medseg.stages.ingest.ingest):
+five cases whose RAS grid is (20, 24, 10) voxels of 1 x 1 x z mm, z = 3, 4, 4, 5, 6. Two cases are
+stored in another voxel order so that the RAS rule matters:
+
+- c3 is stored as (z, x, y): shape (10, 20, 24), spacing (4, 1, 1) in voxel order;
+- c4 is stored with x flipped (affine diag(-1, 1, 5)).
+
+Measured in RAS order the spacings are (1, 1, z) for every case, so:
+
+- median spacing (1, 1, 4): 4 / 1 > 3 (the anisotropy threshold) -> 2D, coarse axis 2;
+- target spacing axis 2 = 10th percentile of z = 3, 4, 4, 5, 6 -> 3 + 0.4 * (4 - 3) = 3.4
+  (numpy's linear interpolation: position 0.1 * (5 - 1) = 0.4 between the two smallest);
+- median shape after resampling: (20, 24, median(10 z / 3.4)) = (20, 24, 40 / 3.4 = 11.76);
+- patch: 20 -> 24, 24 -> 24, and 1 on the coarse axis -> (24, 24, 1);
+- batch: 2 * 96^3 // 576 = 3072, clipped to max_batch_size 8.
+
+Had the voxel order been used instead, c3 would count as 4 mm along axis 0 and 1 mm along
+axis 2, and the 10th percentile along axis 2 would be 1.8.
+
+Foreground: a 5 x 4 x 2 = 40-voxel box of label 1 per case (fewer than the 10,000 samples per
+case, so every foreground voxel is pooled), holding intensities 40 i + 0..39 for case i, so the
+pooled foreground is exactly 0, 1, ..., 199. Background voxels are -1000. Hence for CT:
+ct_clip = (0.995, 198.005) (positions 0.005 * 199 and 0.995 * 199), ct_mean = 99.5 (clipping
+moves 0 up by 0.995 and 199 down by 0.995), ct_std = the standard deviation of the clipped values.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medseg.config import PlanConfig
+from medseg.errors import DataError
+from medseg.io import save_nifti
+from medseg.stages.ingest import ingest
+from medseg.stages.plan import choose_patch_size, load_plan, load_splits, make_splits, plan
+
+# ---------------------------------------------------------------- choose_patch_size
+
+
+@pytest.mark.parametrize(
+    ("median_shape", "max_voxels", "coarse_axis", "expected"),
+    [
+        # Round up to multiples of 8: 20 -> 24, 24 -> 24, 10 -> 16.
+        ((20, 24, 10), 128**3, None, (24, 24, 16)),
+        # 2D: the coarse axis gets 1.
+        ((20, 24, 10), 128**3, 2, (24, 24, 1)),
+        ((20, 24, 10), 128**3, 0, (1, 24, 16)),
+        # At least 16 per axis, exact multiples kept, fractions rounded up.
+        ((1, 16, 16.1), 128**3, None, (16, 16, 24)),
+        ((8, 32, 40), 128**3, None, (16, 32, 40)),
+        # Shrinking: (136, 64, 32) has 278,528 voxels; the largest axis loses 8 at a time
+        # (the first of equal axes first): 136 -> 64, then 64 (axis 0) -> 56, 64 (axis 1) -> 56,
+        # 56 (axis 0) -> 48: 48 * 56 * 32 = 86,016 <= 100,000.
+        ((130, 60, 30), 100_000, None, (48, 56, 32)),
+        # Exactly at the budget: nothing to shrink.
+        ((64, 64, 32), 64 * 64 * 32, None, (64, 64, 32)),
+        # 2D shrinking ignores the coarse axis: 304 x 304 -> 48 x 48 = 2304 > 2048 -> 40 x 48.
+        ((300, 300, 12.5), 2048, 2, (40, 48, 1)),
+        # Never below 16: a budget under 16^3 leaves (16, 16, 16).
+        ((300, 300, 300), 4096, None, (16, 16, 16)),
+        ((300, 300, 300), 1000, None, (16, 16, 16)),
+    ],
+)
+def test_choose_patch_size(
+    median_shape: tuple[float, float, float], max_voxels: int, coarse_axis: int | None, expected: tuple[int, int, int]
+) -> None:
+    patch = choose_patch_size(np.asarray(median_shape, dtype=float), max_voxels, coarse_axis)
+    assert patch == expected
+    assert all(isinstance(p, int) for p in patch)
+
+
+# ---------------------------------------------------------------- make_splits
+
+IDS = [f"case_{i:02d}" for i in range(11)]
+
+
+@pytest.mark.parametrize("n_folds", [2, 3, 5, 11])
+def test_splits_partition_the_cases(n_folds: int) -> None:
+    splits = make_splits(IDS, n_folds, seed=7)
+    assert len(splits) == n_folds
+    vals = [s["val"] for s in splits]
+    seen = [c for v in vals for c in v]
+    assert sorted(seen) == sorted(IDS)  # covering, and disjoint (no case twice)
+    assert len(seen) == len(set(seen))
+    sizes = sorted(len(v) for v in vals)
+    assert sizes[-1] - sizes[0] <= 1  # dealt evenly
+    for s in splits:
+        assert s["train"] == sorted(set(IDS) - set(s["val"]))
+        assert s["val"] == sorted(s["val"])
+
+
+def test_splits_are_deterministic_and_ignore_input_order() -> None:
+    first = make_splits(IDS, 5, seed=3)
+    assert make_splits(IDS, 5, seed=3) == first
+    assert make_splits(list(reversed(IDS)), 5, seed=3) == first
+
+
+def test_splits_follow_the_documented_deal() -> None:
+    # Cases sorted by id, shuffled with the seed, dealt into folds: fold k gets order[k::n].
+    ids = ["e", "c", "a", "d", "b", "f", "g"]
+    order = np.random.default_rng(0).permutation(7)
+    s = sorted(ids)
+    expected_vals = [sorted(s[i] for i in order[k::3]) for k in range(3)]
+    assert [f["val"] for f in make_splits(ids, 3, seed=0)] == expected_vals
+
+
+def test_one_case_per_fold() -> None:
+    splits = make_splits(["a", "b", "c"], 3, seed=1)
+    assert sorted(v for s in splits for v in s["val"]) == ["a", "b", "c"]
+    assert all(len(s["val"]) == 1 and len(s["train"]) == 2 for s in splits)
+
+
+def test_fewer_cases_than_folds_raise() -> None:
+    with pytest.raises(DataError, match="n_folds=5"):
+        make_splits(["a", "b", "c", "d"], 5, seed=0)
+
+
+# ---------------------------------------------------------------- plan() on an ingested dataset
+
+RAS_SHAPE = (20, 24, 10)
+Z_SPACINGS = {"c1": 3.0, "c2": 4.0, "c3": 4.0, "c4": 5.0, "c5": 6.0}
+POOLED_FOREGROUND = np.arange(200, dtype=np.float64)
+
+
+def _ras_case(i: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image and label in RAS voxel order: a 5x4x2 box of label 1 holding 40 i + 0..39."""
+    image = np.full(RAS_SHAPE, -1000.0, dtype=np.float32)
+    label = np.zeros(RAS_SHAPE, dtype=np.uint8)
+    label[6:11, 8:12, 4:6] = 1
+    image[label == 1] = 40 * i + np.arange(40, dtype=np.float32)
+    return image, label
+
+
+def _stored(case_id: str, image: np.ndarray, label: np.ndarray, z: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The voxel order a case is written in, with the affine that keeps it at the same RAS place."""
+    if case_id == "c3":  # stored (z, x, y): stored[a, b, c] = ras[b, c, a]
+        affine = np.array([[0, 1, 0, 0], [0, 0, 1, 0], [z, 0, 0, 0], [0, 0, 0, 1]], dtype=float)
+        return np.transpose(image, (2, 0, 1)), np.transpose(label, (2, 0, 1)), affine
+    if case_id == "c4":  # x flipped: stored[a] = ras[19 - a]
+        affine = np.array([[-1, 0, 0, 19], [0, 1, 0, 0], [0, 0, z, 0], [0, 0, 0, 1]], dtype=float)
+        return image[::-1].copy(), label[::-1].copy(), affine
+    return image, label, np.diag([1.0, 1.0, z, 1.0])
+
+
+def _msd(root: Path, modality: str) -> Path:
+    training = []
+    for i, (case_id, z) in enumerate(Z_SPACINGS.items()):
+        image, label, affine = _stored(case_id, *_ras_case(i), z)
+        save_nifti(root / "imagesTr" / f"{case_id}.nii.gz", image, affine)
+        save_nifti(root / "labelsTr" / f"{case_id}.nii.gz", label, affine)
+        training.append({"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"})
+    info = {
+        "name": "tiny",
+        "labels": {"0": "background", "1": "a"},
+        "modality": {"0": modality},
+        "training": training,
+        "test": [],
+    }
+    (root / "dataset.json").write_text(json.dumps(info))
+    return root
+
+
+def _manifest(tmp_path: Path, modality: str) -> Path:
+    result = ingest(_msd(tmp_path / "raw", modality), tmp_path / "ingested")
+    assert result.n_cases == 5 and result.n_failed == 0
+    return result.manifest_path
+
+
+@pytest.fixture
+def ct_manifest(tmp_path: Path) -> Path:
+    return _manifest(tmp_path, "CT")
+
+
+def test_synthetic_cases_are_stored_in_other_voxel_orders(ct_manifest: Path) -> None:
+    manifest = json.loads(ct_manifest.read_text())
+    by_id = {c["case_id"]: c for c in manifest["cases"]}
+    assert by_id["c3"]["shape"] == [10, 20, 24]
+    assert by_id["c3"]["spacing_mm"] == pytest.approx([4.0, 1.0, 1.0])
+    assert by_id["c4"]["orientation"] == "LAS"
+    assert by_id["c1"]["orientation"] == "RAS"
+
+
+def test_plan_anisotropic_ct(ct_manifest: Path, tmp_path: Path) -> None:
+    out = tmp_path / "plan"
+    result = plan(ct_manifest, out, PlanConfig())
+    p = result.plan
+
+    assert result.plan_path == out / "plan.json"
+    assert result.splits_path == out / "splits.json"
+    assert load_plan(result.plan_path) == p
+
+    assert p.modality == "CT"
+    assert p.channels == 1
+    assert p.labels == {0: "background", 1: "a"}
+    assert p.n_classes == 2
+    # Spacing in RAS order; coarse axis 2 takes the 10th percentile of 3, 4, 4, 5, 6.
+    assert p.target_spacing_mm == pytest.approx((1.0, 1.0, 3.4), abs=1e-9)
+    assert p.dims == 2
+    assert p.patch_size == (24, 24, 1)
+    assert p.median_shape_resampled == [20, 24, 12]  # 40 / 3.4 = 11.76
+    assert p.batch_size == 8
+
+    fp = p.fingerprint
+    assert fp.n_cases == 5
+    assert fp.spacing_median_mm == pytest.approx([1.0, 1.0, 4.0])
+    assert fp.spacing_p10_mm == pytest.approx([1.0, 1.0, 3.4])
+    assert fp.shape_median == [20.0, 24.0, 10.0]
+    assert fp.shape_min == [20, 24, 10]
+    assert fp.shape_max == [20, 24, 10]
+    # 40 foreground voxels of 4800 per case.
+    assert fp.class_frequency == pytest.approx({0: 4760 / 4800, 1: 40 / 4800})
+
+    # CT normalization from the pooled foreground 0..199. The images are float32, and numpy
+    # computes percentiles, means and deviations of float32 samples in float32: the known
+    # answers hold to float32 precision (about 1e-7 relative), hence the tolerances below.
+    assert p.normalization == "ct"
+    assert p.ct_clip is not None and len(p.ct_clip) == 1
+    lo, hi = p.ct_clip[0]
+    assert (lo, hi) == pytest.approx((0.995, 198.005), rel=1e-6)
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(POOLED_FOREGROUND, [0.5, 99.5])), rel=1e-6)
+    clipped = np.clip(POOLED_FOREGROUND, 0.995, 198.005)
+    assert p.ct_mean == pytest.approx([99.5], rel=1e-6)
+    assert p.ct_std == pytest.approx([float(clipped.std())], rel=1e-6)
+    fg = fp.foreground_intensity[0]
+    assert fg["p00_5"] == pytest.approx(0.995, rel=1e-6)
+    assert fg["p99_5"] == pytest.approx(198.005, rel=1e-6)
+    assert fg["p50"] == pytest.approx(99.5, rel=1e-6)
+    assert fg["mean"] == pytest.approx(99.5, rel=1e-6)
+    assert fg["std"] == pytest.approx(float(POOLED_FOREGROUND.std()), rel=1e-6)
+
+
+def test_plan_writes_the_documented_splits(ct_manifest: Path, tmp_path: Path) -> None:
+    config = PlanConfig(n_folds=5, seed=4)
+    result = plan(ct_manifest, tmp_path / "plan", config)
+    splits = json.loads(result.splits_path.read_text())
+    assert splits == make_splits(list(Z_SPACINGS), 5, 4)
+    assert sorted(v for s in splits for v in s["val"]) == sorted(Z_SPACINGS)
+    assert load_splits(result.splits_path, 2) == splits[2]
+    with pytest.raises(DataError):
+        load_splits(result.splits_path, 5)
+
+
+def test_explicit_config_values_win(ct_manifest: Path, tmp_path: Path) -> None:
+    config = PlanConfig(target_spacing_mm=(2, 2, 2), patch_size=(16, 16, 16), batch_size=3, dims=3)
+    p = plan(ct_manifest, tmp_path / "plan", config).plan
+    assert p.target_spacing_mm == (2.0, 2.0, 2.0)
+    assert p.patch_size == (16, 16, 16)
+    assert p.batch_size == 3
+    assert p.dims == 3
+    # Resampled to 2 mm: 20 / 2, 24 / 2, median(10 z / 2) = 10 * 4 / 2.
+    assert p.median_shape_resampled == [10, 12, 20]
+    # The fingerprint is measured all the same.
+    assert p.fingerprint.spacing_p10_mm == pytest.approx([1.0, 1.0, 3.4])
+
+
+def test_explicit_normalization_wins(ct_manifest: Path, tmp_path: Path) -> None:
+    p = plan(ct_manifest, tmp_path / "plan", PlanConfig(normalization="zscore")).plan
+    assert p.normalization == "zscore"
+    assert p.ct_clip is None and p.ct_mean is None and p.ct_std is None
+
+
+def test_isotropic_spacing_chosen_as_3d_when_threshold_is_not_reached(ct_manifest: Path, tmp_path: Path) -> None:
+    # Ratio 4 / 1 = 4 is not above a threshold of 5: 3D, median spacing (no 10th percentile).
+    p = plan(ct_manifest, tmp_path / "plan", PlanConfig(anisotropy_threshold=5.0)).plan
+    assert p.dims == 3
+    assert p.target_spacing_mm == pytest.approx((1.0, 1.0, 4.0))
+    # Resampled to 4 mm: median(10 z / 4) = 10; rounded up -> (24, 24, 16).
+    assert p.median_shape_resampled == [20, 24, 10]
+    assert p.patch_size == (24, 24, 16)
+    assert p.batch_size == 8  # 2 * 96^3 // 9216 = 192, clipped to 8
+
+
+def test_patch_size_of_wrong_length_is_refused(ct_manifest: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="patch_size"):
+        plan(ct_manifest, tmp_path / "plan", PlanConfig(patch_size=(16, 16)))
+
+
+def test_mri_modality_gives_zscore(tmp_path: Path) -> None:
+    p = plan(_manifest(tmp_path, "MRI"), tmp_path / "plan", PlanConfig()).plan
+    assert p.modality == "MRI"
+    assert p.normalization == "zscore"
+    assert p.ct_clip is None and p.ct_mean is None and p.ct_std is None
+    assert p.dims == 2
+    assert p.target_spacing_mm == pytest.approx((1.0, 1.0, 3.4), abs=1e-9)
+
+
+def test_too_few_cases_for_the_folds_raise(ct_manifest: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="n_folds=6"):
+        plan(ct_manifest, tmp_path / "plan", PlanConfig(n_folds=6))
+    assert not (tmp_path / "plan" / "plan.json").exists()

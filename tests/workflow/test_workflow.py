@@ -1,0 +1,145 @@
+"""The Snakemake workflow for real: lint, dry runs, and a whole run on real hippocampus cases."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import REPO, hippocampus_subset
+
+CASES = [f"hippocampus_{i:03d}" for i in (1, 4, 6, 7, 14, 17)]
+HELD_OUT = ["hippocampus_019", "hippocampus_020"]
+
+
+def _env(venv_bin: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{venv_bin}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def snakemake(
+    venv_bin: Path, workdir: Path, *args: str, check: bool = True, configs: tuple[Path, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    cmd = [
+        str(venv_bin / "snakemake"), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+        "--cores", "2", "--configfile", str(REPO / "configs" / "experiments" / "smoke.yaml"), *map(str, configs), *args,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(venv_bin), timeout=1200)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def planned_rules(output: str) -> dict[str, int]:
+    """Rule -> job count from the 'Job stats' table of a dry run."""
+    table = output.split("Job stats:")[-1]
+    counts = {}
+    for line in table.splitlines():
+        m = re.match(r"^(\w+)\s+(\d+)\s*$", line.strip())
+        if m and m.group(1) != "total":
+            counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+@pytest.fixture(scope="module")
+def finished(shared_data: Path, venv_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A working folder where the whole workflow has run on 6 real cases (results in data/results)."""
+    work = tmp_path_factory.mktemp("workflow")
+    dataset = hippocampus_subset(shared_data, work / "hippo", CASES)
+    snakemake(venv_bin, work, "--config", f"dataset={dataset}")
+    return work
+
+
+def test_lint(venv_bin: Path, tmp_path: Path) -> None:
+    proc = snakemake(venv_bin, tmp_path, "--lint", "--config", f"dataset={tmp_path}", check=False)
+    lints = set(re.findall(r"^\s+\* (.+?):?$", proc.stdout + proc.stderr, flags=re.M))
+    # medseg and its tools install into one virtual environment, not one conda env per rule.
+    assert lints <= {"Specify a conda environment or container for each rule."}, proc.stdout + proc.stderr
+
+
+def test_dry_run_shows_every_stage(venv_bin: Path, shared_data: Path, tmp_path: Path) -> None:
+    dataset = hippocampus_subset(shared_data, tmp_path / "hippo", CASES)
+    proc = snakemake(venv_bin, tmp_path, "-n", "--config", f"dataset={dataset}")
+    assert planned_rules(proc.stdout + proc.stderr) == {
+        "all": 1, "ingest": 1, "plan": 1, "preprocess": 1, "train": 1, "predict": 1, "evaluate": 1,
+    }
+
+
+def test_unknown_config_key_stops_before_any_job(venv_bin: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochz: 3\n")
+    proc = snakemake(venv_bin, tmp_path, "-n", check=False, configs=(bad,))
+    assert proc.returncode != 0
+    assert "epochz" in proc.stdout + proc.stderr
+
+
+def test_outputs(finished: Path) -> None:
+    results = finished / "data" / "results"
+    summary = json.loads((results / "evaluation" / "summary.json").read_text())
+    splits = json.loads((results / "plan" / "splits.json").read_text())
+    assert summary["n_cases"] == len(splits[0]["val"]) == 3
+    assert 0.0 <= summary["mean_dice"] <= 1.0
+    assert set(summary["classes"]) == {"Anterior", "Posterior"}
+    rows = (results / "evaluation" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3 * 2
+    assert (results / "evaluation" / "metrics.png").stat().st_size > 1000
+    for case in splits[0]["val"]:
+        mask = nib.load(str(results / "predictions" / "fold_0" / f"{case}.nii.gz"))
+        scan = nib.load(str(finished / "hippo" / "imagesTr" / f"{case}.nii.gz"))
+        assert mask.shape == scan.shape
+        np.testing.assert_allclose(mask.affine, scan.affine, atol=1e-6)
+    for rule in ("ingest", "plan", "preprocess", "train", "predict", "evaluate"):
+        assert list((results / "logs" / rule).glob("*.log")), rule
+
+
+def test_mlflow_run_and_registered_model(finished: Path) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{finished / 'data' / 'results' / 'mlflow.db'}")
+    (version,) = client.search_model_versions("name = 'medseg-smoke'")
+    fold_run = client.get_run(version.run_id)
+    assert fold_run.data.params["train.epochs"] == "2"
+    assert fold_run.data.params["plan.patch_size"]
+    assert fold_run.data.tags["snakemake.rule"] == "train"
+    assert fold_run.data.tags["manifest.digest"]
+    assert len(client.get_metric_history(version.run_id, "train_loss")) == 2
+    parent_id = fold_run.data.tags["mlflow.parentRunId"]
+    parent = client.get_run(parent_id)
+    assert "eval_mean_dice" in parent.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(parent_id, "evaluation")}
+    assert artifacts == {"evaluation/metrics.csv", "evaluation/summary.json", "evaluation/metrics.png"}
+    assert {a.path for a in client.list_artifacts(version.run_id, "config")} == {"config/plan.json", "config/train_config.json"}
+
+
+def test_predict_command_uses_latest_registered_model(finished: Path, shared_data: Path, venv_bin: Path) -> None:
+    scans = finished / "new_scans"
+    scans.mkdir()
+    for case in HELD_OUT:
+        (scans / f"{case}.nii.gz").symlink_to(shared_data / "hippocampus" / "imagesTr" / f"{case}.nii.gz")
+    proc = subprocess.run(
+        [str(venv_bin / "medseg"), "predict", "--input", str(scans), "--output", "masks"],
+        cwd=finished, capture_output=True, text=True, env=_env(venv_bin), timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "models:/medseg-smoke/1" in proc.stderr
+    for case in HELD_OUT:
+        mask = nib.load(str(finished / "masks" / f"{case}.nii.gz"))
+        scan = nib.load(str(scans / f"{case}.nii.gz"))
+        assert mask.shape == scan.shape
+        np.testing.assert_allclose(mask.affine, scan.affine, atol=1e-6)
+
+
+def test_train_change_reruns_only_train_and_after(finished: Path, venv_bin: Path) -> None:
+    proc = snakemake(venv_bin, finished, "-n", "--config", f"dataset={finished / 'hippo'}")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+    change = finished / "longer.yaml"
+    change.write_text("train:\n  epochs: 3\n")
+    proc = snakemake(venv_bin, finished, "-n", "--config", f"dataset={finished / 'hippo'}", configs=(change,))
+    assert planned_rules(proc.stdout + proc.stderr) == {"all": 1, "train": 1, "predict": 1, "evaluate": 1}
