@@ -74,9 +74,12 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def parent_run(experiment: str, key: str, name: str, lock: Path, tags: dict[str, str]) -> str:
+def parent_run(
+    experiment: str, key: str, name: str, lock: Path, tags: dict[str, str], params: dict[str, str] | None = None
+) -> str:
     """The id of the parent run of a training (one per key), created by the first fold to ask."""
     import mlflow
+    from mlflow.entities import Param
 
     client = mlflow.MlflowClient()
     with file_lock(lock):
@@ -88,6 +91,9 @@ def parent_run(experiment: str, key: str, name: str, lock: Path, tags: dict[str,
         if runs:
             return runs[0].info.run_id
         run = client.create_run(exp.experiment_id, run_name=name, tags={TRAINING_KEY_TAG: key, **tags})
+        items = [Param(k, v) for k, v in (params or {}).items()]
+        for i in range(0, len(items), 100):
+            client.log_batch(run.info.run_id, params=items[i : i + 100])
         client.set_terminated(run.info.run_id, "FINISHED")
         return run.info.run_id
 

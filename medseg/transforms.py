@@ -22,6 +22,21 @@ def nonzero(x: Any) -> Any:
     return x != 0
 
 
+class ClipChannels:
+    """Clip each channel of a (C, ...) tensor to its own (low, high) range."""
+
+    def __init__(self, ranges: Sequence[tuple[float, float]]) -> None:
+        self.ranges = [(float(lo), float(hi)) for lo, hi in ranges]
+
+    def __call__(self, x: Any) -> Any:
+        import torch
+
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        low = torch.as_tensor([r[0] for r in self.ranges], dtype=x.dtype, device=x.device).reshape(shape)
+        high = torch.as_tensor([r[1] for r in self.ranges], dtype=x.dtype, device=x.device).reshape(shape)
+        return torch.clamp(x, low, high)
+
+
 def normalize_transform(plan: Plan, key: str = "image") -> Any:
     from monai.transforms import Compose, NormalizeIntensityd, ScaleIntensityRanged
 
@@ -36,11 +51,8 @@ def normalize_transform(plan: Plan, key: str = "image") -> Any:
     else:
         from monai.transforms import Lambdad
 
-        import numpy as np
-
-        lows = np.array([c[0] for c in plan.ct_clip]).reshape(-1, 1, 1, 1)
-        highs = np.array([c[1] for c in plan.ct_clip]).reshape(-1, 1, 1, 1)
-        steps.append(Lambdad(keys=key, func=lambda x: x.clip(lows, highs)))
+        clip = ClipChannels(plan.ct_clip)
+        steps.append(Lambdad(keys=key, func=clip))
         steps.append(NormalizeIntensityd(keys=key, subtrahend=plan.ct_mean, divisor=plan.ct_std, channel_wise=True))
     return Compose(steps)
 

@@ -210,8 +210,14 @@ def train(
         common_tags = {**tracking.tags}
         if commit := trk.git_commit():
             common_tags["git.commit"] = commit
+        params = (
+            trk.flatten({"train": config.model_dump(mode="json"), "preprocess": pre_config.model_dump(mode="json")})
+            | trk.flatten({k: v for k, v in plan.model_dump(mode="json").items() if k != "fingerprint"}, "plan.")
+            | {"roi_size": str(roi)}
+        )
         parent = trk.parent_run(
-            exp_name, training_key(spec, config, split), f"{exp_name}-train", out_dir.parent / ".parent.lock", common_tags
+            exp_name, training_key(spec, config, split), f"{exp_name}-train", out_dir.parent / ".parent.lock",
+            common_tags, params,
         )
         if run_id is None:
             run_ctx = mlflow.start_run(
@@ -227,9 +233,7 @@ def train(
         if mlflow is not None and run_id is None:
             run_id = run.info.run_id
             trk.log_params(
-                trk.flatten({"train": config.model_dump(mode="json"), "preprocess": pre_config.model_dump(mode="json")})
-                | trk.flatten({k: v for k, v in plan.model_dump(mode="json").items() if k != "fingerprint"}, "plan.")
-                | {"fold": str(fold), "roi_size": str(roi), "n_train": str(len(train_cases)), "n_val": str(len(val_cases))}
+                params | {"fold": str(fold), "n_train": str(len(train_cases)), "n_val": str(len(val_cases))}
             )
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / "plan.json").write_text(plan.model_dump_json(indent=2))

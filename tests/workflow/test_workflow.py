@@ -113,6 +113,7 @@ def test_mlflow_run_and_registered_model(finished: Path) -> None:
     parent_id = fold_run.data.tags["mlflow.parentRunId"]
     parent = client.get_run(parent_id)
     assert "eval_mean_dice" in parent.data.metrics
+    assert parent.data.params["train.epochs"] == "2" and parent.data.params["plan.normalization"] == "zscore"
     artifacts = {a.path for a in client.list_artifacts(parent_id, "evaluation")}
     assert artifacts == {"evaluation/metrics.csv", "evaluation/summary.json", "evaluation/metrics.png"}
     assert {a.path for a in client.list_artifacts(version.run_id, "config")} == {"config/plan.json", "config/train_config.json"}
