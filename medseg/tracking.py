@@ -34,7 +34,9 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def git_commit(cwd: Path | None = None) -> str | None:
-    """The current git commit of the working directory, if any."""
+    """The git commit of the medseg checkout (or of ``cwd``), if it is one."""
+    if cwd is None:
+        cwd = Path(__file__).resolve().parent
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True

@@ -7,7 +7,7 @@ Rules (each can be overridden by setting the value in the ``plan`` config sectio
   ``anisotropy_threshold`` times the smallest, the coarse axis takes the 10th percentile of its
   spacings instead (as nnU-Net does), so thin-slice cases are not thrown away.
 - **Dims**: 2D (slices across the coarse axis) if the data are anisotropic by that threshold,
-  else 3D.
+  else 3D. A 2D plan asked for on isotropic data slices across the last (superior) axis.
 - **Patch size**: the median shape after resampling, rounded up to a multiple of 8 per axis
   (at least 16), then its largest axis reduced by 8 until it holds at most
   ``max_patch_voxels``. In 2D the coarse axis gets 1.
@@ -183,8 +183,8 @@ def decide(fingerprint: Fingerprint, spacings: np.ndarray, shapes: np.ndarray, p
     if config.target_spacing_mm is not None:
         target = np.asarray(config.target_spacing_mm, dtype=float)
     dims = config.dims or (2 if anisotropic else 3)
-    if dims == 2 and coarse_axis is None:
-        coarse_axis = int(np.argmax(target))
+    if dims == 2 and coarse_axis is None:  # the coarsest axis; the last of equals (axial slices in RAS)
+        coarse_axis = 2 - int(np.argmax(target[::-1]))
     resampled = np.median(shapes * spacings / target, axis=0)
     if config.patch_size is not None:
         if len(config.patch_size) != 3:

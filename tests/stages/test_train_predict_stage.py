@@ -109,3 +109,17 @@ def test_predict_reports_bad_scan_and_goes_on(prepared: Path, tmp_path: Path) ->
 def test_predict_unknown_model_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="checkpoint not found"):
         predict(tmp_path, tmp_path / "out", [str(tmp_path / "nope.pt")])
+
+
+def test_2d_plan_trains_and_predicts(tmp_path: Path) -> None:
+    src = synthetic_msd(tmp_path / "msd", n_cases=4, shape=(24, 24, 8))
+    manifest = ingest(src, tmp_path / "ingest").manifest_path
+    result = plan(manifest, tmp_path / "plan", PlanConfig(n_folds=2, dims=2, batch_size=2))
+    assert result.plan.dims == 2 and result.plan.patch_size[2] == 1
+    preprocess(manifest, tmp_path / "plan" / "plan.json", tmp_path / "pre")
+    config = TINY.model_copy(update={"epochs": 1})
+    trained = train(tmp_path / "pre", tmp_path / "plan" / "plan.json", tmp_path / "plan" / "splits.json",
+                    tmp_path / "fold_0", config)
+    out = predict(src / "imagesTr", tmp_path / "masks", [trained.model_uri], case_ids=["case_000"])
+    mask = nib.load(str(out.written[0]))
+    assert mask.shape == (24, 24, 8)

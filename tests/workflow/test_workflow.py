@@ -114,6 +114,7 @@ def test_mlflow_run_and_registered_model(finished: Path) -> None:
     parent = client.get_run(parent_id)
     assert "eval_mean_dice" in parent.data.metrics
     assert parent.data.params["train.epochs"] == "2" and parent.data.params["plan.normalization"] == "zscore"
+    assert len(parent.data.tags["git.commit"]) == 40
     artifacts = {a.path for a in client.list_artifacts(parent_id, "evaluation")}
     assert artifacts == {"evaluation/metrics.csv", "evaluation/summary.json", "evaluation/metrics.png"}
     assert {a.path for a in client.list_artifacts(version.run_id, "config")} == {"config/plan.json", "config/train_config.json"}
@@ -135,6 +136,29 @@ def test_predict_command_uses_latest_registered_model(finished: Path, shared_dat
         scan = nib.load(str(scans / f"{case}.nii.gz"))
         assert mask.shape == scan.shape
         np.testing.assert_allclose(mask.affine, scan.affine, atol=1e-6)
+
+
+def test_predict_command_with_alias(finished: Path, shared_data: Path, venv_bin: Path) -> None:
+    import mlflow
+
+    uri = f"sqlite:///{finished / 'data' / 'results' / 'mlflow.db'}"
+    mlflow.MlflowClient(tracking_uri=uri).set_registered_model_alias("medseg-smoke", "champion", "1")
+    scan = shared_data / "hippocampus" / "imagesTr" / f"{HELD_OUT[0]}.nii.gz"
+    out = finished / "alias_masks"
+    proc = subprocess.run(
+        [str(venv_bin / "medseg"), "predict", "--input", str(scan.parent), "--cases", HELD_OUT[0],
+         "--model", "models:/medseg-smoke@champion", "--tracking-uri", uri, "--output", str(out)],
+        cwd=finished, capture_output=True, text=True, env=_env(venv_bin), timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [p.name for p in out.iterdir()] == [f"{HELD_OUT[0]}.nii.gz"]
+    bad = subprocess.run(
+        [str(venv_bin / "medseg"), "predict", "--input", str(scan.parent), "--cases", HELD_OUT[0],
+         "--model", "models:/medseg-smoke/99", "--tracking-uri", uri, "--output", str(out)],
+        cwd=finished, capture_output=True, text=True, env=_env(venv_bin), timeout=600,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("medseg predict: error: cannot load model models:/medseg-smoke/99")
 
 
 def test_train_change_reruns_only_train_and_after(finished: Path, venv_bin: Path) -> None:
