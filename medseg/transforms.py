@@ -113,7 +113,7 @@ def training_augmentation(patch_size: Sequence[int], augment: AugmentConfig, *, 
     steps: list[Any] = [
         SpatialPadd(keys=keys, spatial_size=list(patch_size)),
         RandCropByPosNegLabeld(
-            keys=keys, label_key="label", spatial_size=list(patch_size), pos=pos, neg=1.0 if pos > 0 else 1.0,
+            keys=keys, label_key="label", spatial_size=list(patch_size), pos=pos, neg=1.0,
             num_samples=1, allow_smaller=False,
         ),
     ]
