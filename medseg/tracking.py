@@ -81,7 +81,6 @@ def parent_run(
 ) -> str:
     """The id of the parent run of a training (one per key), created by the first fold to ask."""
     import mlflow
-    from mlflow.entities import Param
 
     client = mlflow.MlflowClient()
     with file_lock(lock):
@@ -93,20 +92,20 @@ def parent_run(
         if runs:
             return runs[0].info.run_id
         run = client.create_run(exp.experiment_id, run_name=name, tags={TRAINING_KEY_TAG: key, **tags})
-        items = [Param(k, v) for k, v in (params or {}).items()]
-        for i in range(0, len(items), 100):
-            client.log_batch(run.info.run_id, params=items[i : i + 100])
+        log_params(run.info.run_id, params or {})
         client.set_terminated(run.info.run_id, "FINISHED")
         return run.info.run_id
 
 
-def log_params(params: dict[str, str]) -> None:
-    """Log many parameters in batches MLflow accepts."""
+def log_params(run_id: str, params: dict[str, str]) -> None:
+    """Log many parameters to a run, in batches of the size MLflow accepts."""
     import mlflow
+    from mlflow.entities import Param
 
-    items = list(params.items())
+    items = [Param(k, v) for k, v in params.items()]
+    client = mlflow.MlflowClient()
     for i in range(0, len(items), 100):
-        mlflow.log_params(dict(items[i : i + 100]))
+        client.log_batch(run_id, params=items[i : i + 100])
 
 
 def latest_model_version(tracking_uri: str) -> str:

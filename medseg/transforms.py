@@ -38,23 +38,15 @@ class ClipChannels:
 
 
 def normalize_transform(plan: Plan, key: str = "image") -> Any:
-    from monai.transforms import Compose, NormalizeIntensityd, ScaleIntensityRanged
+    from monai.transforms import Compose, Lambdad, NormalizeIntensityd
 
     if plan.normalization == "zscore":
         return NormalizeIntensityd(keys=key, channel_wise=True)
     assert plan.ct_clip is not None and plan.ct_mean is not None and plan.ct_std is not None
-    steps = []
-    if plan.channels == 1:
-        (lo, hi), = plan.ct_clip
-        steps.append(ScaleIntensityRanged(keys=key, a_min=lo, a_max=hi, b_min=lo, b_max=hi, clip=True))
-        steps.append(NormalizeIntensityd(keys=key, subtrahend=plan.ct_mean[0], divisor=plan.ct_std[0]))
-    else:
-        from monai.transforms import Lambdad
-
-        clip = ClipChannels(plan.ct_clip)
-        steps.append(Lambdad(keys=key, func=clip))
-        steps.append(NormalizeIntensityd(keys=key, subtrahend=plan.ct_mean, divisor=plan.ct_std, channel_wise=True))
-    return Compose(steps)
+    return Compose([
+        Lambdad(keys=key, func=ClipChannels(plan.ct_clip)),
+        NormalizeIntensityd(keys=key, subtrahend=plan.ct_mean, divisor=plan.ct_std, channel_wise=True),
+    ])
 
 
 def preprocessing(plan: Plan, *, crop_foreground: bool, with_label: bool) -> Compose:

@@ -233,7 +233,7 @@ def train(
         if mlflow is not None and run_id is None:
             run_id = run.info.run_id
             trk.log_params(
-                params | {"fold": str(fold), "n_train": str(len(train_cases)), "n_val": str(len(val_cases))}
+                run_id, params | {"fold": str(fold), "n_train": str(len(train_cases)), "n_val": str(len(val_cases))}
             )
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / "plan.json").write_text(plan.model_dump_json(indent=2))
