@@ -1,0 +1,58 @@
+"""DICOM in and out: find series in a folder tree, turn them into volumes, read and write labels.
+
+- ``scan``: headers of every file under a folder, grouped into series (split where a series
+  mixes orientations, sizes or echoes), label objects, ignored files;
+- ``frames``: the 2D frames of classic, enhanced multi-frame and Siemens mosaic images;
+- ``volume``: frames stacked into a checked volume (3D or 4D) with its RAS affine;
+- ``read_series``: all of the above for a folder that holds one series.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medseg.dicom.scan import ScanResult, SeriesGroup, scan
+from medseg.dicom.volume import SeriesVolume, build_volume
+from medseg.errors import DicomSeriesError
+
+__all__ = ["ScanResult", "SeriesGroup", "SeriesVolume", "build_volume", "is_dicom_series_folder", "read_series", "scan"]
+
+
+def read_series(
+    folder: Path,
+    *,
+    tolerance_mm: float = 1e-2,
+    min_slices: int = 1,
+    resample_tilt: bool = False,
+    workers: int = 4,
+) -> SeriesVolume:
+    """The one image series under ``folder`` as a volume; refuse a folder with none or several."""
+    folder = Path(folder)
+    found = scan(folder, workers=workers)
+    if not found.series:
+        detail = f"; refused: {found.refused[0][1]}" if found.refused else ""
+        raise DicomSeriesError(f"{folder}: expected DICOM image files with pixel data, found none{detail}")
+    if len(found.series) > 1:
+        names = "; ".join(g.name for g in found.series[:4])
+        raise DicomSeriesError(f"{folder}: expected one series, found {len(found.series)}: {names}")
+    group = found.series[0]
+    return build_volume(
+        group.frames, group.name, tolerance_mm=tolerance_mm, min_slices=min_slices,
+        resample_tilt=resample_tilt, workers=workers,
+    )
+
+
+def is_dicom_series_folder(folder: Path) -> bool:
+    """True if ``folder`` holds a readable DICOM file among its first 20 files."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from medseg.dicom.scan import list_files
+
+    for path in list_files(Path(folder))[:20]:
+        try:
+            pydicom.dcmread(path, stop_before_pixels=True)
+            return True
+        except (InvalidDicomError, OSError):
+            continue
+    return False

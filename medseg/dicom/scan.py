@@ -1,0 +1,251 @@
+"""Find the DICOM series under a folder of any structure, reading headers only.
+
+Files are read in parallel without their pixel data. Image objects are grouped by
+SeriesInstanceUID and a series is split further where it mixes slice orientations, image
+sizes or echoes (each part becomes its own volume). Segmentations (DICOM-SEG) and structure
+sets (RTSTRUCT) are kept apart as label objects; other DICOM objects (reports, presentation
+states, DICOMDIR) and non-DICOM files are listed as ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from medseg.dicom.frames import Frame, frames_of
+from medseg.errors import DicomSeriesError
+
+log = logging.getLogger(__name__)
+
+SEG_STORAGE = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")  # binary/fractional, label map
+RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
+ObjectKind = Literal["image", "seg", "rtstruct", "other"]
+
+
+@dataclass(frozen=True)
+class DicomFile:
+    """One DICOM file's header (no pixel data) and what kind of object it holds."""
+
+    path: Path
+    header: pydicom.Dataset
+    kind: ObjectKind
+
+
+@dataclass
+class SeriesGroup:
+    """The image frames of one series (or one part of a series split by orientation, size or echo)."""
+
+    series_uid: str
+    part: int
+    n_parts: int
+    split_reason: str
+    frames: list[Frame]
+    header: pydicom.Dataset  # the header of its first file, for metadata
+    folder: Path
+    copy: int = 0  # 1, 2, ... when the same series is stored in several folders
+
+    @property
+    def case_id(self) -> str:
+        """A derived id: modality, series number and a hash of the UID; nothing copied from the patient."""
+        modality = str(self.header.get("Modality") or "img").lower()
+        number = self.header.get("SeriesNumber")
+        try:
+            number_text = f"{int(number):03d}"
+        except (TypeError, ValueError):
+            number_text = "000"
+        digest = hashlib.sha1(f"{self.series_uid}/{self.part}/{self.copy}".encode()).hexdigest()[:8]
+        suffix = (f"_part{self.part}" if self.n_parts > 1 else "") + (f"_copy{self.copy}" if self.copy else "")
+        return f"{modality}{number_text}_{digest}{suffix}"
+
+    @property
+    def name(self) -> str:
+        """How messages name the series: its number, description and folder (no patient data)."""
+        description = str(self.header.get("SeriesDescription") or "").strip()
+        text = f"series {self.header.get('SeriesNumber', '?')}"
+        if description:
+            text += f" '{description}'"
+        if self.n_parts > 1:
+            text += f" (part {self.part} of {self.n_parts}, split by {self.split_reason})"
+        return f"{text} in {self.folder}"
+
+
+@dataclass
+class ScanResult:
+    """What a folder holds: image series, label objects, and what was ignored or refused."""
+
+    root: Path
+    series: list[SeriesGroup] = field(default_factory=list)
+    labels: list[DicomFile] = field(default_factory=list)
+    ignored: list[tuple[Path, str]] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (what, why) for unusable image files
+
+
+def list_files(root: Path) -> list[Path]:
+    """Every regular file under ``root`` (or ``root`` itself), hidden files and folders excepted."""
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out.extend(Path(dirpath) / name for name in sorted(filenames) if not name.startswith("."))
+    return out
+
+
+def _read_header(path: Path) -> DicomFile | tuple[Path, str]:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except InvalidDicomError:
+        return path, "not a DICOM file"
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return path, f"unreadable DICOM header ({type(err).__name__}: {err})"
+    except Exception as err:  # pydicom raises a wide range on damaged files; keep the scan going
+        return path, f"unreadable DICOM header ({type(err).__name__}: {err})"
+    sop_class = str(ds.get("SOPClassUID", "") or getattr(ds.get("file_meta", None), "MediaStorageSOPClassUID", ""))
+    if sop_class in SEG_STORAGE:
+        kind: ObjectKind = "seg"
+    elif sop_class == RTSTRUCT_STORAGE:
+        kind = "rtstruct"
+    elif "Rows" in ds and "Columns" in ds and ds.get("SeriesInstanceUID"):
+        kind = "image"
+    else:
+        kind = "other"
+    return DicomFile(path, ds, kind)
+
+
+def read_headers(paths: Sequence[Path], *, workers: int = 4) -> tuple[list[DicomFile], list[tuple[Path, str]]]:
+    """Headers of ``paths`` read in parallel: (DICOM files, (path, reason) for the others)."""
+    found: list[DicomFile] = []
+    skipped: list[tuple[Path, str]] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for result in _progress(pool.map(_read_header, paths), len(paths), "reading DICOM headers"):
+            if isinstance(result, DicomFile):
+                found.append(result)
+            else:
+                skipped.append(result)
+    return found, skipped
+
+
+def _progress(items: Iterable, total: int, what: str) -> Iterable:
+    if total < 200 or not log.isEnabledFor(logging.INFO):
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, total=total, desc=what, unit="file", leave=False)
+
+
+def _sop_class_name(ds: pydicom.Dataset) -> str:
+    uid = ds.get("SOPClassUID")
+    try:
+        return pydicom.uid.UID(str(uid)).name if uid else "no SOPClassUID"
+    except Exception:  # an unknown UID has no name
+        return str(uid)
+
+
+def _split(frames: list[Frame]) -> list[tuple[list[Frame], str]]:
+    """Split one series' frames by orientation, then size, then echo; return parts and the reason."""
+    parts: list[tuple[list[Frame], str]] = [(frames, "")]
+    keys = (
+        ("orientation", lambda f: tuple(np.round(f.orientation, 3))),
+        ("image size", lambda f: (f.rows, f.columns)),
+        ("echo", lambda f: f.echo),
+    )
+    for reason, key in keys:
+        new_parts = []
+        for part, why in parts:
+            groups: dict = {}
+            for f in part:
+                groups.setdefault(key(f), []).append(f)
+            if len(groups) > 1:
+                ordered = [groups[k] for k in sorted(groups, key=lambda k: (k is None, str(k)))]
+                new_parts.extend((g, ", ".join(filter(None, (why, reason)))) for g in ordered)
+            else:
+                new_parts.append((part, why))
+        parts = new_parts
+    return parts
+
+
+def group_series(files: Sequence[DicomFile]) -> tuple[list[SeriesGroup], list[tuple[str, str]]]:
+    """Image files grouped into series (split where needed); (groups, (file, reason) refused)."""
+    by_uid: dict[tuple[str, str], list[DicomFile]] = {}
+    for f in files:
+        if f.kind == "image":
+            key = (str(f.header.SeriesInstanceUID), str(f.header.get("SeriesNumber", "")))
+            by_uid.setdefault(key, []).append(f)
+    groups: list[SeriesGroup] = []
+    refused: list[tuple[str, str]] = []
+    for (uid, _), members in by_uid.items():
+        copies = _split_copies(members)
+        for number, copy in enumerate(copies, start=1 if len(copies) > 1 else 0):
+            _add_groups(uid, number, copy, groups, refused)
+    groups.sort(key=lambda g: (str(g.folder), _series_number(g), g.series_uid, g.part))
+    return groups, refused
+
+
+def _split_copies(members: list[DicomFile]) -> list[list[DicomFile]]:
+    """One list per folder when the same SOPInstanceUID is stored twice (copies of a series), else one."""
+    uids = [str(m.header.get("SOPInstanceUID", "")) for m in members]
+    if len(set(uids)) == len(uids):
+        return [members]
+    by_folder: dict[Path, list[DicomFile]] = {}
+    for m in members:
+        by_folder.setdefault(m.path.parent, []).append(m)
+    return [by_folder[k] for k in sorted(by_folder)]
+
+
+def _add_groups(
+    uid: str, copy: int, members: list[DicomFile], groups: list[SeriesGroup], refused: list[tuple[str, str]]
+) -> None:
+    frames: list[Frame] = []
+    for member in members:
+        try:
+            frames.extend(frames_of(member.header, member.path))
+        except DicomSeriesError as err:
+            refused.append((str(member.path), str(err)))
+    if not frames:
+        return
+    folder = Path(os.path.commonpath([str(m.path.parent) for m in members]))
+    parts = _split(frames)
+    first_header = {m.path: m.header for m in members}
+    for index, (part_frames, reason) in enumerate(parts, start=1):
+        groups.append(
+            SeriesGroup(uid, index, len(parts), reason, part_frames, first_header[part_frames[0].path], folder, copy)
+        )
+
+
+def _series_number(group: SeriesGroup) -> int:
+    try:
+        return int(group.header.get("SeriesNumber"))
+    except (TypeError, ValueError):
+        return 0
+
+
+def scan(root: Path, *, workers: int = 4) -> ScanResult:
+    """Read every header under ``root`` and sort the files into series, labels and ignored files."""
+    root = Path(root)
+    if not root.exists():
+        raise DicomSeriesError(f"{root}: expected a folder of DICOM files, found nothing there")
+    files, skipped = read_headers(list_files(root), workers=workers)
+    result = ScanResult(root)
+    result.ignored.extend(skipped)
+    for f in files:
+        if f.kind in ("seg", "rtstruct"):
+            result.labels.append(f)
+        elif f.kind == "other":
+            result.ignored.append((f.path, f"not an image ({_sop_class_name(f.header)})"))
+    result.series, result.refused = group_series(files)
+    log.info(
+        "%s: %d series, %d label objects, %d files ignored, %d refused",
+        root, len(result.series), len(result.labels), len(result.ignored), len(result.refused),
+    )
+    return result
