@@ -42,7 +42,13 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     from medseg.config import IngestConfig
     from medseg.stages.ingest import ingest
 
-    result = ingest(args.input, args.output, _section(args, IngestConfig, "ingest"))
+    source = args.root or args.input
+    if source is None or args.output is None:
+        from medseg.errors import ConfigError
+
+        raise ConfigError("ingest: expected an input (ROOT or --input) and --out, found " +
+                          ("no input" if source is None else "no --out"))
+    result = ingest(source, args.output, _section(args, IngestConfig, "ingest"), workers=args.workers)
     print(f"ingested {result.n_cases} cases ({result.n_failed} left out) -> {result.manifest_path}")
 
 
@@ -173,9 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    p = add("ingest", cmd_ingest, "raw cases (MSD/nnU-Net folder, cases.tsv, DICOM series) to NIfTI and a manifest")
-    p.add_argument("--input", type=Path, required=True)
-    p.add_argument("--output", type=Path, required=True)
+    p = add("ingest", cmd_ingest, "raw cases (MSD/nnU-Net folder, cases.tsv, NIfTI folder, any DICOM folder) "
+            "to NIfTI, sidecars and a manifest")
+    p.add_argument("root", type=Path, nargs="?", help="the input (same as --input)")
+    p.add_argument("--input", type=Path)
+    p.add_argument("--output", "--out", dest="output", type=Path)
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="files read at once (default: CPU count, at most 8)")
     _config_args(p)
 
     p = add("plan", cmd_plan, "dataset fingerprint and plan (spacing, patch, batch, normalization, folds)")

@@ -39,6 +39,19 @@ class IngestConfig(StrictModel):
     affine_tolerance_mm: float = Field(
         default=1e-3, gt=0, description="Largest difference allowed between image and label affines."
     )
+    min_slices: int = Field(
+        default=3, ge=1, description="DICOM: series with fewer slices are refused as localizers or not volumes."
+    )
+    resample_tilt: bool = Field(
+        default=False, description="DICOM: resample gantry-tilted series onto an orthogonal grid instead of refusing them."
+    )
+    slice_tolerance_mm: float = Field(
+        default=1e-2, gt=0, description="DICOM: largest deviation of slice positions from an even stack."
+    )
+    case_ids: Literal["derived", "patient"] = Field(
+        default="derived",
+        description="DICOM: case ids derived from the series (default), or prefixed with the PatientID when asked.",
+    )
 
 
 class PlanConfig(StrictModel):
@@ -128,6 +141,9 @@ class PredictConfig(StrictModel):
     sw_batch_size: int = Field(default=4, ge=1)
     tta_flips: bool = Field(default=False, description="Average over flips along every spatial axis.")
     gaussian: bool = Field(default=True, description="Gaussian weighting of window overlaps.")
+    dicom_seg: bool = Field(
+        default=True, description="For scans read from DICOM, also write the mask as a DICOM-SEG of the source series."
+    )
 
 
 class EvaluateConfig(StrictModel):

@@ -23,6 +23,7 @@ class CaseSource:
     images: tuple[Path, ...]
     label: Path | None = None
     kind: Literal["nifti", "dicom"] = "nifti"
+    dicom_files: tuple[Path, ...] = ()  # the DICOM series a NIfTI was converted from (for DICOM-SEG output)
 
 
 @dataclass(frozen=True)
@@ -131,14 +132,31 @@ def read_case_sheet(sheet: Path) -> DatasetSource:
     return DatasetSource(sheet, "sheet", tuple(cases))
 
 
-def read_dicom_folder(root: Path) -> DatasetSource:
-    """A folder with one sub-folder per case, each holding one DICOM series."""
+def read_dicom_tree(root: Path) -> DatasetSource:
+    """A DICOM folder of any structure: one case per series (its files listed as the case's images)."""
+    from medseg.dicom import scan
+
+    found = scan(root)
     cases = tuple(
-        CaseSource(sub.name, (sub,), None, "dicom")
-        for sub in sorted(root.iterdir())
-        if sub.is_dir() and not sub.name.startswith(".")
+        CaseSource(group.case_id, files, None, "dicom", files)
+        for group in found.series
+        for files in [tuple(sorted({f.path for f in group.frames}))]
     )
+    if not cases:
+        raise DataError(f"{root}: expected DICOM image series, found none ({len(found.refused)} files refused)")
     return DatasetSource(root, "dicom", cases)
+
+
+def is_dicom_root(path: Path) -> bool:
+    """True for a folder without dataset.json, cases.tsv or NIfTI files that holds DICOM somewhere below."""
+    path = Path(path)
+    if not path.is_dir() or (path / "dataset.json").exists() or (path / "cases.tsv").exists():
+        return False
+    if any(is_nifti(p) for p in path.iterdir()):
+        return False
+    from medseg.dicom import is_dicom_series_folder  # pydicom only when needed
+
+    return is_dicom_series_folder(path)
 
 
 def read_nifti_folder(root: Path) -> DatasetSource:
@@ -162,11 +180,8 @@ def discover(path: Path) -> DatasetSource:
         return read_case_sheet(path / "cases.tsv")
     if any(is_nifti(p) for p in path.iterdir()):
         return read_nifti_folder(path)
-    from medseg.dicom import is_dicom_series_folder  # pydicom only when needed
-
-    subfolders = [p for p in path.iterdir() if p.is_dir()]
-    if subfolders and any(is_dicom_series_folder(p) for p in subfolders):
-        return read_dicom_folder(path)
+    if is_dicom_root(path):
+        return read_dicom_tree(path)
     raise DataError(
-        f"{path}: expected dataset.json (MSD/nnU-Net), cases.tsv, NIfTI files or DICOM series folders; found none"
+        f"{path}: expected dataset.json (MSD/nnU-Net), cases.tsv, NIfTI files or DICOM files; found none"
     )

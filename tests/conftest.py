@@ -86,3 +86,48 @@ def synthetic_msd(dest: Path, n_cases: int = 6, shape: tuple[int, int, int] = (2
     }
     (dest / "dataset.json").write_text(json.dumps(info))
     return dest
+
+
+def nifti_to_dicom_series(image_path: Path, folder: Path, *, modality: str = "MR", series_number: int = 1) -> Path:
+    """Write a whole-number 3D NIfTI as a classic DICOM series (one file per slice, LPS geometry).
+
+    Slice k of the NIfTI becomes the file ``IM{k:04d}.dcm`` whose pixel rows run along the
+    NIfTI's second axis, so reading the series back gives the NIfTI's voxels and affine.
+    """
+    import nibabel as nib
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    img = nib.load(str(image_path))
+    data = np.asanyarray(img.dataobj)
+    if data.ndim != 3 or not np.array_equal(data, np.round(data)) or data.min() < 0 or data.max() > 65535:
+        raise ValueError(f"{image_path}: expected a 3D image of whole numbers in 0..65535")
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine
+    spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
+    row_dir, col_dir = lps[:3, 0] / spacing[0], lps[:3, 1] / spacing[1]
+    folder.mkdir(parents=True, exist_ok=True)
+    study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
+    for k in range(data.shape[2]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = MRImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset(str(folder / f"IM{k:04d}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = modality, series_number, k + 1
+        ds.PatientName, ds.PatientID = "Test^Synthetic", f"SYN{series_number:04d}"
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20260101", "120000", "1", "A1"
+        ds.PatientBirthDate, ds.PatientSex, ds.ReferringPhysicianName = "", "O", ""
+        ds.Manufacturer, ds.SeriesDescription = "medseg tests", image_path.name
+        ds.ImageOrientationPatient = [*map(float, row_dir), *map(float, col_dir)]
+        ds.ImagePositionPatient = [float(v) for v in (lps @ [0, 0, k, 1])[:3]]
+        ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]
+        ds.SliceThickness = float(spacing[2])
+        ds.Rows, ds.Columns = data.shape[1], data.shape[0]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.PixelData = np.ascontiguousarray(data[:, :, k].T.astype(np.uint16)).tobytes()
+        ds.save_as(str(folder / f"IM{k:04d}.dcm"), enforce_file_format=True)
+    return folder

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from medseg.dicom.scan import ScanResult, SeriesGroup, scan
@@ -19,16 +20,16 @@ __all__ = ["ScanResult", "SeriesGroup", "SeriesVolume", "build_volume", "is_dico
 
 
 def read_series(
-    folder: Path,
+    folder: Path | Sequence[Path],
     *,
     tolerance_mm: float = 1e-2,
     min_slices: int = 1,
     resample_tilt: bool = False,
     workers: int = 4,
 ) -> SeriesVolume:
-    """The one image series under ``folder`` as a volume; refuse a folder with none or several."""
-    folder = Path(folder)
+    """The one image series under ``folder`` (or in a list of files) as a volume; refuse none or several."""
     found = scan(folder, workers=workers)
+    folder = found.root
     if not found.series:
         detail = f"; refused: {found.refused[0][1]}" if found.refused else ""
         raise DicomSeriesError(f"{folder}: expected DICOM image files with pixel data, found none{detail}")
@@ -43,13 +44,13 @@ def read_series(
 
 
 def is_dicom_series_folder(folder: Path) -> bool:
-    """True if ``folder`` holds a readable DICOM file among its first 20 files."""
+    """True if ``folder`` holds a readable DICOM file among its first 50 files."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     from medseg.dicom.scan import list_files
 
-    for path in list_files(Path(folder))[:20]:
+    for path in list_files(Path(folder))[:50]:
         try:
             pydicom.dcmread(path, stop_before_pixels=True)
             return True

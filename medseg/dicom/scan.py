@@ -91,12 +91,20 @@ class ScanResult:
 
 
 def list_files(root: Path) -> list[Path]:
-    """Every regular file under ``root`` (or ``root`` itself), hidden files and folders excepted."""
+    """Every regular file under ``root`` (or ``root`` itself), hidden files and folders excepted.
+
+    Linked folders are followed, each real folder once."""
     root = Path(root)
     if root.is_file():
         return [root]
     out = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link back up the tree
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         out.extend(Path(dirpath) / name for name in sorted(filenames) if not name.startswith("."))
     return out
@@ -141,7 +149,7 @@ def _progress(items: Iterable, total: int, what: str) -> Iterable:
         return items
     from tqdm import tqdm
 
-    return tqdm(items, total=total, desc=what, unit="file", leave=False)
+    return tqdm(items, total=total, desc=what, unit="file", leave=False, disable=None)
 
 
 def _sop_class_name(ds: pydicom.Dataset) -> str:
@@ -230,12 +238,21 @@ def _series_number(group: SeriesGroup) -> int:
         return 0
 
 
-def scan(root: Path, *, workers: int = 4) -> ScanResult:
-    """Read every header under ``root`` and sort the files into series, labels and ignored files."""
-    root = Path(root)
-    if not root.exists():
-        raise DicomSeriesError(f"{root}: expected a folder of DICOM files, found nothing there")
-    files, skipped = read_headers(list_files(root), workers=workers)
+def scan(root: Path | Sequence[Path], *, workers: int = 4) -> ScanResult:
+    """Read every header under ``root`` (a folder, or a list of files) and sort the files into
+    series, labels and ignored files."""
+    if isinstance(root, str | Path):
+        root = Path(root)
+        if not root.exists():
+            raise DicomSeriesError(f"{root}: expected a folder of DICOM files, found nothing there")
+        paths = list_files(root)
+    else:
+        paths = [Path(p) for p in root]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise DicomSeriesError(f"{missing[0]}: expected a DICOM file, found nothing there")
+        root = Path(os.path.commonpath([str(p.parent) for p in paths])) if paths else Path(".")
+    files, skipped = read_headers(paths, workers=workers)
     result = ScanResult(root)
     result.ignored.extend(skipped)
     for f in files:

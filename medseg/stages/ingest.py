@@ -1,4 +1,4 @@
-"""ingest: raw cases (MSD/nnU-Net folder, case sheet, DICOM series) to canonical NIfTI and a manifest.
+"""ingest: raw cases (MSD/nnU-Net folder, case sheet, DICOM tree) to canonical NIfTI and a manifest.
 
 Each case is checked (readable, channels and label on one grid, no NaN or infinite voxels,
 label values declared). A bad case is logged with its file and problem, recorded under
@@ -6,6 +6,11 @@ label values declared). A bad case is logged with its file and problem, recorded
 
 Outputs in ``out_dir``: ``images/<case>.nii.gz`` (float32; 4D with channels last when there
 are several), ``labels/<case>.nii.gz`` (uint8), ``manifest.json``.
+
+A DICOM folder of any structure is read by ``medseg.dicom``: every series is one case (its
+NIfTI keeps the series' own data type, 4D for time series), with a de-identified JSON
+sidecar ``images/<case>.json``; DICOM-SEG and RTSTRUCT objects become the labels of the
+series they reference; ``report.json`` lists refused series and ignored files.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from medseg.config import IngestConfig
 from medseg.errors import DataError, GeometryMismatchError, LabelValueError
 from medseg.io import load_nifti, save_nifti, sha256
 from medseg.manifest import CaseRecord, FailedCase, IntensityStats, Manifest, SourceFile, save_manifest
-from medseg.sources import CaseSource, discover
+from medseg.sources import CaseSource, discover, is_dicom_root
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +105,7 @@ def _load_label(path: Path, image: _Volume, labels: dict[int, str] | None, toler
     return data.astype(np.uint8)
 
 
-def _stats(data: np.ndarray, label: np.ndarray | None) -> list[IntensityStats]:
+def intensity_stats(data: np.ndarray, label: np.ndarray | None) -> list[IntensityStats]:
     out = []
     fg = label > 0 if label is not None and (label > 0).any() else None
     for c in range(data.shape[-1]):
@@ -156,7 +161,7 @@ def ingest_case(
         spacing_mm=[float(z) for z in zooms],
         orientation="".join(nib.aff2axcodes(image.affine)),
         affine=image.affine.tolist(),
-        intensity=_stats(image.data, label),
+        intensity=intensity_stats(image.data, label),
         label_voxels=label_voxels,
     )
 
@@ -169,10 +174,14 @@ def _failure(case: CaseSource, err: DataError) -> FailedCase:
     return FailedCase(case_id=case.case_id, file=named, error=message)
 
 
-def ingest(source: Path, out_dir: Path, config: IngestConfig | None = None) -> IngestResult:
+def ingest(source: Path, out_dir: Path, config: IngestConfig | None = None, *, workers: int = 4) -> IngestResult:
     """Convert every case found at ``source`` into ``out_dir`` and write ``out_dir/manifest.json``."""
     config = config or IngestConfig()
     out_dir = Path(out_dir)
+    if is_dicom_root(Path(source)):
+        from medseg.stages.ingest_dicom import ingest_dicom
+
+        return ingest_dicom(Path(source), out_dir, config, workers=workers)
     found = discover(Path(source))
     labels = config.labels if config.labels is not None else found.labels
     if labels is None and any(c.label for c in found.cases):

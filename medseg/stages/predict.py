@@ -6,6 +6,10 @@ several models), and MONAI's ``Invertd``, which undoes the resampling, crop and
 reorientation on the class probabilities. The mask (argmax) is written as
 ``<out_dir>/<case>.nii.gz`` with the original scan's shape and affine, so it overlays it.
 The models are loaded once for all cases. A case that fails is logged and skipped.
+
+Scans that come from DICOM (a DICOM folder as input, or a manifest of ingested DICOM series)
+also get ``<out_dir>/<case>_seg.dcm``: a DICOM-SEG that references the source series, one
+segment per label, on exactly the voxels of the NIfTI mask.
 """
 
 from __future__ import annotations
@@ -44,7 +48,11 @@ def cases_from_input(path: Path, case_ids: Collection[str] | None = None) -> lis
     if path.suffix == ".json" and path.is_file():
         manifest, root = load_manifest(path)
         records = manifest.cases + manifest.test_cases
-        cases = [CaseSource(r.case_id, (root / r.image,)) for r in records]
+        cases = [
+            CaseSource(r.case_id, (root / r.image,),
+                       dicom_files=tuple(Path(s.path) for s in r.sources) if manifest.kind == "dicom" else ())
+            for r in records
+        ]
     else:
         found = discover(path)
         cases = list(found.test_cases or found.cases)
@@ -64,9 +72,9 @@ def _as_single_file(case: CaseSource, tmp: Path) -> Path:
     if case.kind == "dicom":
         from medseg.dicom import read_series
 
-        volume, affine = read_series(case.images[0])
+        volume = read_series(case.images)
         out = tmp / f"{case.case_id}.nii.gz"
-        save_nifti(out, volume.astype(np.float32), affine)
+        save_nifti(out, volume.data.astype(np.float32), volume.affine)
         return out
     if len(case.images) == 1:
         return case.images[0]
@@ -78,6 +86,21 @@ def _as_single_file(case: CaseSource, tmp: Path) -> Path:
     stacked = np.stack([np.asarray(c.dataobj, dtype=np.float32) for c in channels], axis=-1)
     save_nifti(out, stacked, channels[0].affine)
     return out
+
+
+def _write_dicom_seg(mask: np.ndarray, affine: np.ndarray, case: CaseSource, spec: ModelSpec, target: Path) -> None:
+    """Write ``mask`` as a DICOM-SEG of the case's source series (same grid, checked)."""
+    from medseg.dicom import read_series
+    from medseg.dicom.segwrite import write_seg
+
+    series = read_series(case.dicom_files)
+    if series.data.shape[:3] != mask.shape or not np.allclose(series.affine, affine, atol=1e-3):
+        raise DataError(
+            f"{case.case_id}: expected the mask on the grid of its DICOM series {series.name}, "
+            f"found shape {mask.shape} against {series.data.shape[:3]} or another affine"
+        )
+    names = {k: v for k, v in spec.plan.labels.items() if k != 0}
+    write_seg(mask, series, target, names=names, description=f"medseg prediction of {case.case_id}")
 
 
 def _flip_sets(roi: Sequence[int], enabled: bool) -> list[tuple[int, ...]]:
@@ -164,6 +187,8 @@ def predict(
                 target = out_dir / f"{case.case_id}.nii.gz"
                 save_nifti(target, mask, original.affine)
                 written.append(target)
+                if config.dicom_seg and case.dicom_files:
+                    _write_dicom_seg(mask, original.affine, case, first, out_dir / f"{case.case_id}_seg.dcm")
             except MedsegError as err:
                 failed[case.case_id] = str(err)
                 log.error("case %s failed: %s", case.case_id, err)

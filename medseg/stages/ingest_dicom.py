@@ -1,0 +1,175 @@
+"""ingest for a DICOM folder of any structure: every series becomes one case.
+
+The folder is scanned once (headers only, in parallel). Each series is stacked into a volume
+(refused with a message naming the series and its problem when it cannot be one) and written
+as ``images/<case>.nii.gz`` in its own data type, with a de-identified sidecar
+``images/<case>.json``. DICOM-SEG and RTSTRUCT objects become ``labels/<case>.nii.gz`` of the
+series they reference. ``report.json`` lists converted and refused series and ignored files;
+``manifest.json`` is the usual case manifest. Case ids are derived from the series (modality,
+series number, a hash of the UID), never copied from the patient unless ``case_ids`` asks.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from medseg.config import IngestConfig
+from medseg.dicom import scan
+from medseg.dicom.scan import DicomFile, SeriesGroup
+from medseg.dicom.sidecar import sidecar
+from medseg.dicom.volume import SeriesVolume, build_volume
+from medseg.errors import DataError
+from medseg.io import save_nifti, sha256, write_json
+from medseg.manifest import CaseRecord, FailedCase, Manifest, SourceFile, save_manifest
+from medseg.stages.ingest import IngestResult, intensity_stats
+
+log = logging.getLogger(__name__)
+
+
+def _case_id(group: SeriesGroup, config: IngestConfig) -> str:
+    if config.case_ids == "patient":
+        patient = re.sub(r"[^A-Za-z0-9-]+", "-", str(group.header.get("PatientID") or "unknown")).strip("-")
+        return f"{patient or 'unknown'}_{group.case_id}"
+    return group.case_id
+
+
+def _labels_by_series(objects: list[DicomFile]) -> dict[str, list[DicomFile]]:
+    if not objects:
+        return {}
+    from medseg.dicom.labels import referenced_series_uid
+
+    out: dict[str, list[DicomFile]] = {}
+    for obj in objects:
+        uid = referenced_series_uid(obj.header)
+        if uid:
+            out.setdefault(uid, []).append(obj)
+        else:
+            log.warning("%s: a %s object that references no series; left out", obj.path, obj.kind.upper())
+    return out
+
+
+def _read_label(obj: DicomFile, volume: SeriesVolume, names: dict[int, str] | None) -> tuple[np.ndarray, dict[int, str]]:
+    from medseg.dicom.labels import read_rtstruct, read_seg
+
+    reader = read_seg if obj.kind == "seg" else read_rtstruct
+    label = reader(obj.path, volume, names)
+    return label.data, label.names
+
+
+def _convert(
+    group: SeriesGroup,
+    case_id: str,
+    out_dir: Path,
+    config: IngestConfig,
+    label_objects: list[DicomFile],
+    names: dict[int, str] | None,
+    workers: int,
+) -> tuple[CaseRecord, dict[int, str] | None]:
+    volume = build_volume(
+        group.frames, group.name, tolerance_mm=config.slice_tolerance_mm, min_slices=config.min_slices,
+        resample_tilt=config.resample_tilt, workers=workers,
+    )
+    data = volume.data
+    channels = data.shape[3] if data.ndim == 4 else 1
+    label = None
+    label_names = None
+    label_sources: list[Path] = []
+    if label_objects:
+        if len(label_objects) > 1:
+            log.warning("%s: %d label objects reference it; using %s", group.name, len(label_objects), label_objects[0].path)
+        label, label_names = _read_label(label_objects[0], volume, names)
+        label_sources.append(label_objects[0].path)
+    image_rel = f"images/{case_id}.nii.gz"
+    save_nifti(out_dir / image_rel, data, volume.affine)
+    write_json(out_dir / f"images/{case_id}.json", sidecar(group.header, volume, case_id=case_id))
+    label_rel = None
+    label_voxels = None
+    if label is not None:
+        label_rel = f"labels/{case_id}.nii.gz"
+        save_nifti(out_dir / label_rel, label, volume.affine)
+        values, counts = np.unique(label, return_counts=True)
+        label_voxels = {int(v): int(n) for v, n in zip(values, counts)}
+    files = sorted({f.path for f in group.frames}) + label_sources
+    as_channels = data.reshape(data.shape[:3] + (channels,)).astype(np.float32, copy=False)
+    zooms = np.sqrt((volume.affine[:3, :3] ** 2).sum(axis=0))
+    record = CaseRecord(
+        case_id=case_id,
+        image=image_rel,
+        label=label_rel,
+        sources=[SourceFile(path=str(p), sha256=sha256(p)) for p in files],
+        shape=list(data.shape[:3]),
+        channels=int(channels),
+        spacing_mm=[float(z) for z in zooms],
+        orientation="".join(nib.aff2axcodes(volume.affine)),
+        affine=volume.affine.tolist(),
+        intensity=intensity_stats(as_channels, label),
+        label_voxels=label_voxels,
+    )
+    return record, label_names
+
+
+def ingest_dicom(root: Path, out_dir: Path, config: IngestConfig | None = None, *, workers: int = 4) -> IngestResult:
+    """Convert every series under ``root`` into ``out_dir``; write the manifest and ``report.json``."""
+    config = config or IngestConfig()
+    out_dir = Path(out_dir)
+    found = scan(root, workers=workers)
+    labels_of = _labels_by_series(found.labels)
+    names = config.labels
+    records: list[CaseRecord] = []
+    failed: list[FailedCase] = []
+    seen: dict[str, int] = {}
+    for group in found.series:
+        case_id = _case_id(group, config)
+        seen[case_id] = seen.get(case_id, 0) + 1
+        if seen[case_id] > 1:
+            case_id = f"{case_id}_{seen[case_id]}"
+        try:
+            record, label_names = _convert(
+                group, case_id, out_dir, config, labels_of.get(group.series_uid, []), names, workers
+            )
+        except DataError as err:
+            log.error("series left out: %s", err)
+            failed.append(FailedCase(case_id=case_id, file=str(group.folder), error=str(err)))
+            continue
+        if label_names and names is None:
+            names = label_names
+        records.append(record)
+        log.info("%s -> %s %s", group.name, record.image, record.shape + ([record.channels] if record.channels > 1 else []))
+    for path, reason in found.refused:
+        failed.append(FailedCase(case_id="", file=path, error=reason))
+    report = {
+        "root": str(Path(root).resolve()),
+        "converted": [{"case_id": r.case_id, "image": r.image, "label": r.label, "shape": r.shape,
+                       "volumes": r.channels} for r in records],
+        "refused": [f.model_dump() for f in failed],
+        "ignored": [{"file": str(p), "reason": why} for p, why in found.ignored],
+    }
+    write_json(out_dir / "report.json", report)
+    if not records:
+        raise DataError(f"{root}: no DICOM series could be converted ({len(failed)} refused; see {out_dir / 'report.json'})")
+    channels = Counter(r.channels for r in records).most_common(1)[0][0]
+    for r in [r for r in records if r.channels != channels]:
+        # Its NIfTI is written; the manifest (one channel count for training) leaves it out.
+        failed.append(FailedCase(case_id=r.case_id, file=r.image,
+                                 error=f"{r.case_id}: has {r.channels} volumes where most series have {channels}"))
+    kept = [r for r in records if r.channels == channels]
+    modality = config.modality or Counter(
+        str(g.header.get("Modality") or "MR") for g in found.series
+    ).most_common(1)[0][0]
+    if names is not None and 0 not in names:
+        names = {0: "background", **names}
+    manifest = Manifest(
+        dataset=str(Path(root).resolve()), kind="dicom", labels=names, modality=modality,
+        channels=channels, cases=kept, failed=failed,
+    )
+    manifest_path = out_dir / "manifest.json"
+    save_manifest(manifest, manifest_path)
+    log.info("converted %d series, %d refused, %d files ignored -> %s",
+             len(records), len(failed), len(found.ignored), out_dir)
+    return IngestResult(manifest_path, len(records), len(failed))
