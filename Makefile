@@ -11,7 +11,7 @@ CORES ?= all
 RESULTS ?= data/results
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test venv clean-results
+.PHONY: demo test venv clean-results bench-ingest
 
 venv: $(VENV)/.installed
 
@@ -32,6 +32,11 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest
+
+# DICOM to NIfTI: medseg against dcm2niix and dicom2nifti on $MEDSEG_DATA/dicom (docs/benchmarks.md)
+bench-ingest: venv
+	$(BIN)/python -c "import dcm2niix, dicom2nifti" 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/ingest.py
 
 clean-results:
 	rm -rf $(RESULTS) .snakemake

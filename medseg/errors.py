@@ -22,6 +22,10 @@ class DicomSeriesError(DataError):
     """A DICOM series cannot be turned into a volume."""
 
 
+class DicomLabelError(DataError):
+    """A DICOM label object (SEG, RTSTRUCT) cannot be mapped onto its image series."""
+
+
 class GeometryMismatchError(DataError):
     """An image and its label (or two channels) do not share one voxel grid."""
 

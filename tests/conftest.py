@@ -89,10 +89,12 @@ def synthetic_msd(dest: Path, n_cases: int = 6, shape: tuple[int, int, int] = (2
 
 
 def nifti_to_dicom_series(image_path: Path, folder: Path, *, modality: str = "MR", series_number: int = 1) -> Path:
-    """Write a whole-number 3D NIfTI as a classic DICOM series (one file per slice, LPS geometry).
+    """Write a 3D NIfTI as a classic DICOM series (one file per slice, LPS geometry).
 
     Slice k of the NIfTI becomes the file ``IM{k:04d}.dcm`` whose pixel rows run along the
-    NIfTI's second axis, so reading the series back gives the NIfTI's voxels and affine.
+    NIfTI's second axis, so reading the series back gives the NIfTI's affine. Whole numbers in
+    0..65535 are stored as they are; other values (the float hippocampus scans) are stored as
+    uint16 with RescaleSlope/RescaleIntercept, so they read back to within one slope step.
     """
     import nibabel as nib
     import pydicom
@@ -101,8 +103,13 @@ def nifti_to_dicom_series(image_path: Path, folder: Path, *, modality: str = "MR
 
     img = nib.load(str(image_path))
     data = np.asanyarray(img.dataobj)
-    if data.ndim != 3 or not np.array_equal(data, np.round(data)) or data.min() < 0 or data.max() > 65535:
-        raise ValueError(f"{image_path}: expected a 3D image of whole numbers in 0..65535")
+    if data.ndim != 3:
+        raise ValueError(f"{image_path}: expected a 3D image, found shape {data.shape}")
+    slope, intercept = 1.0, 0.0
+    if not np.array_equal(data, np.round(data)) or data.min() < 0 or data.max() > 65535:
+        intercept = float(data.min())
+        slope = max(float(data.max()) - intercept, 1e-6) / 65535.0
+    stored = np.round((data.astype(np.float64) - intercept) / slope).astype(np.uint16)
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine
     spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
     row_dir, col_dir = lps[:3, 0] / spacing[0], lps[:3, 1] / spacing[1]
@@ -128,6 +135,8 @@ def nifti_to_dicom_series(image_path: Path, folder: Path, *, modality: str = "MR
         ds.Rows, ds.Columns = data.shape[1], data.shape[0]
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.PixelData = np.ascontiguousarray(data[:, :, k].T.astype(np.uint16)).tobytes()
+        if slope != 1.0 or intercept != 0.0:
+            ds.RescaleSlope, ds.RescaleIntercept = f"{slope:.10g}"[:16], f"{intercept:.10g}"[:16]
+        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
         ds.save_as(str(folder / f"IM{k:04d}.dcm"), enforce_file_format=True)
     return folder

@@ -36,6 +36,10 @@ def read_series(
     if len(found.series) > 1:
         names = "; ".join(g.name for g in found.series[:4])
         raise DicomSeriesError(f"{folder}: expected one series, found {len(found.series)}: {names}")
+    if found.refused:  # an unusable file may be a slice of the series: a volume without it could lack one
+        raise DicomSeriesError(
+            f"{folder}: expected every image file to be usable, {len(found.refused)} refused: {found.refused[0][1]}"
+        )
     group = found.series[0]
     return build_volume(
         group.frames, group.name, tolerance_mm=tolerance_mm, min_slices=min_slices,

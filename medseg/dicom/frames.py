@@ -59,6 +59,22 @@ def _float(value: Any, default: float) -> float:
         return default
 
 
+def _number(ds: pydicom.Dataset, keyword: str, default: float, where: str) -> float:
+    """The value of a numeric tag that maps stored values (``default`` if absent); refuse one that is no number."""
+    value = ds.get(keyword)
+    if value in (None, ""):
+        return default
+    number = _float(value, math.nan)
+    if not math.isfinite(number):
+        raise DicomSeriesError(f"{where}: expected a number in {keyword}, found {value!r}")
+    return number
+
+
+def _values(value: Any) -> list:
+    """The values of a multi-valued tag; one value reads as a number, not a list."""
+    return list(value) if isinstance(value, pydicom.multival.MultiValue | list | tuple) else [value]
+
+
 def _first(ds: pydicom.Dataset, sequence: str) -> pydicom.Dataset | None:
     seq = ds.get(sequence)
     return seq[0] if seq else None
@@ -69,9 +85,9 @@ def _geometry_tags(ds: pydicom.Dataset, where: str) -> tuple[np.ndarray, np.ndar
     if missing:
         raise DicomSeriesError(f"{where}: expected the geometry tags {', '.join(missing)}, they are missing (not a volume?)")
     try:
-        orientation = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
-        position = np.asarray([float(v) for v in ds.ImagePositionPatient], dtype=np.float64)
-        spacing = tuple(float(v) for v in ds.PixelSpacing)
+        orientation = np.asarray([float(v) for v in _values(ds.ImageOrientationPatient)], dtype=np.float64)
+        position = np.asarray([float(v) for v in _values(ds.ImagePositionPatient)], dtype=np.float64)
+        spacing = tuple(float(v) for v in _values(ds.PixelSpacing))
     except (TypeError, ValueError) as err:
         raise DicomSeriesError(f"{where}: expected numbers in the geometry tags, found {err}") from None
     _check_geometry(orientation, position, spacing, where)
@@ -138,15 +154,15 @@ def _mosaic_tiles(ds: pydicom.Dataset, where: str) -> tuple[int, np.ndarray] | N
 def frames_of(ds: pydicom.Dataset, path: Path) -> list[Frame]:
     """The frames of one image object (header only), in the order its pixel data stores them."""
     where = str(path)
-    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-    if rows <= 0 or columns <= 0:
+    rows, columns = ds.get("Rows") or 0, ds.get("Columns") or 0
+    if not (isinstance(rows, int) and isinstance(columns, int) and rows > 0 and columns > 0):  # not a list either
         raise DicomSeriesError(f"{where}: expected positive Rows and Columns, found {rows} x {columns}")
     sop_uid = str(ds.get("SOPInstanceUID", ""))
     n_frames = int(_float(ds.get("NumberOfFrames"), 1))
     if "PerFrameFunctionalGroupsSequence" in ds or n_frames > 1:
         return _multiframe(ds, path, rows, columns, n_frames, sop_uid)
     orientation, position, spacing = _geometry_tags(ds, where)
-    slope, intercept = _float(ds.get("RescaleSlope"), 1.0), _float(ds.get("RescaleIntercept"), 0.0)
+    slope, intercept = _number(ds, "RescaleSlope", 1.0, where), _number(ds, "RescaleIntercept", 0.0, where)
     mosaic = _mosaic_tiles(ds, where)
     if mosaic is None:
         return [Frame(path, None, None, 1, position, orientation, spacing, rows, columns, slope, intercept,
@@ -207,8 +223,8 @@ def _multiframe(ds: pydicom.Dataset, path: Path, rows: int, columns: int, n_fram
         merged.PixelSpacing = meas.get("PixelSpacing")
         orientation, position, spacing = _geometry_tags(merged, fwhere)
         transform = _group_item(ds, item, "PixelValueTransformationSequence")
-        slope = _float(transform.get("RescaleSlope") if transform else ds.get("RescaleSlope"), 1.0)
-        intercept = _float(transform.get("RescaleIntercept") if transform else ds.get("RescaleIntercept"), 0.0)
+        slope = _number(transform if transform else ds, "RescaleSlope", 1.0, fwhere)
+        intercept = _number(transform if transform else ds, "RescaleIntercept", 0.0, fwhere)
         content = _first(item, "FrameContentSequence")
         temporal = _float(content.get("TemporalPositionIndex"), 0.0) if content else 0.0
         echo_item = _group_item(ds, item, "MREchoSequence")

@@ -20,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from medseg.dicom.frames import Frame, frames_of
 from medseg.errors import DicomSeriesError
@@ -119,16 +119,58 @@ def _read_header(path: Path) -> DicomFile | tuple[Path, str]:
         return path, f"unreadable DICOM header ({type(err).__name__}: {err})"
     except Exception as err:  # pydicom raises a wide range on damaged files; keep the scan going
         return path, f"unreadable DICOM header ({type(err).__name__}: {err})"
-    sop_class = str(ds.get("SOPClassUID", "") or getattr(ds.get("file_meta", None), "MediaStorageSOPClassUID", ""))
-    if sop_class in SEG_STORAGE:
-        kind: ObjectKind = "seg"
-    elif sop_class == RTSTRUCT_STORAGE:
-        kind = "rtstruct"
-    elif "Rows" in ds and "Columns" in ds and ds.get("SeriesInstanceUID"):
-        kind = "image"
-    else:
-        kind = "other"
+    try:  # pydicom converts a value on first use, and raises there if it is damaged
+        sop_class = str(ds.get("SOPClassUID", "") or getattr(ds.get("file_meta", None), "MediaStorageSOPClassUID", ""))
+        if sop_class in SEG_STORAGE:
+            kind: ObjectKind = "seg"
+        elif sop_class == RTSTRUCT_STORAGE:
+            kind = "rtstruct"
+        elif "Rows" in ds and "Columns" in ds and ds.get("SeriesInstanceUID"):
+            kind = "image"
+            _convert_used(ds)
+        else:
+            kind = "other"
+            if damage := _damage(ds):
+                return path, damage
+    except Exception as err:  # BytesLengthException, ValueError, NotImplementedError (unknown VR), ...
+        return path, f"unreadable DICOM header ({type(err).__name__}: {err})"
     return DicomFile(path, ds, kind)
+
+
+# The top-level values the reader uses, converted as the header is read: pydicom converts a value on
+# first use and raises there if it is damaged (truncated). All of them would double the scan time.
+USED_KEYWORDS = (
+    "SOPInstanceUID", "SeriesNumber", "SeriesDescription", "Modality", "Rows", "Columns", "NumberOfFrames",
+    "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "RescaleSlope", "RescaleIntercept",
+    "ImageType", "TemporalPositionIdentifier", "AcquisitionNumber", "TriggerTime", "InstanceNumber", "EchoNumbers",
+    "SpacingBetweenSlices", "SliceThickness",
+)
+
+
+def _convert_used(ds: pydicom.Dataset) -> None:
+    for keyword in USED_KEYWORDS:
+        try:
+            ds.get(keyword)
+        except Exception as err:  # pydicom raises many kinds for a truncated or damaged value
+            raise ValueError(f"{keyword}: {type(err).__name__}: {err}") from None
+
+
+def _damage(ds: pydicom.Dataset) -> str:
+    """Why a DICOM file that is not an image looks like a damaged one (truncated?), or '' if it does not.
+
+    An object of an image SOP class without Rows, Columns or SeriesInstanceUID is damaged; so is a
+    file with a file meta but no valid SOP class or nothing after the file meta (a Part 10 file has
+    both). Random bytes after a DICM magic have no file meta, and are merely not DICOM.
+    """
+    meta = getattr(ds, "file_meta", None) or pydicom.Dataset()
+    uids = [str(u) for u in (ds.get("SOPClassUID"), meta.get("MediaStorageSOPClassUID")) if u and pydicom.uid.UID(str(u)).is_valid]
+    image = next((n for n in (pydicom.uid.UID(u).name for u in uids) if "Image Storage" in n), "")
+    if image:
+        lacks = [k for k in ("Rows", "Columns", "SeriesInstanceUID") if not ds.get(k)]
+        return f"an image object ({image}) without {', '.join(lacks)} (damaged or truncated?)"
+    if len(meta) and not (uids and len(ds)):
+        return "a DICOM file with no valid SOP class or no data set after its file meta (damaged or truncated?)"
+    return ""
 
 
 def read_headers(paths: Sequence[Path], *, workers: int = 4) -> tuple[list[DicomFile], list[tuple[Path, str]]]:
@@ -220,6 +262,9 @@ def _add_groups(
             frames.extend(frames_of(member.header, member.path))
         except DicomSeriesError as err:
             refused.append((str(member.path), str(err)))
+        except (ValueError, TypeError, NotImplementedError, BytesLengthException) as err:
+            # a damaged value in a sequence (multi-frame groups), which pydicom converts on first use
+            refused.append((str(member.path), f"{member.path}: unreadable DICOM header ({type(err).__name__}: {err})"))
     if not frames:
         return
     folder = Path(os.path.commonpath([str(m.path.parent) for m in members]))
@@ -254,13 +299,16 @@ def scan(root: Path | Sequence[Path], *, workers: int = 4) -> ScanResult:
         root = Path(os.path.commonpath([str(p.parent) for p in paths])) if paths else Path(".")
     files, skipped = read_headers(paths, workers=workers)
     result = ScanResult(root)
-    result.ignored.extend(skipped)
+    # A damaged DICOM file (unreadable, truncated) is refused, not ignored: it may be a slice of a series.
+    result.ignored.extend(s for s in skipped if s[1] == "not a DICOM file")
+    damaged = [(str(p), f"{p}: {why}") for p, why in skipped if why != "not a DICOM file"]
     for f in files:
         if f.kind in ("seg", "rtstruct"):
             result.labels.append(f)
         elif f.kind == "other":
             result.ignored.append((f.path, f"not an image ({_sop_class_name(f.header)})"))
     result.series, result.refused = group_series(files)
+    result.refused[:0] = damaged
     log.info(
         "%s: %d series, %d label objects, %d files ignored, %d refused",
         root, len(result.series), len(result.labels), len(result.ignored), len(result.refused),

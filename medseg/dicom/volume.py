@@ -120,6 +120,12 @@ def stack_geometry(
         if np.any(shear > tolerance_mm * 10 + 1e-3 * np.abs(along)):
             # Consistent shear from slice to slice: a gantry tilt. Anything else: not one volume.
             angle = float(np.degrees(np.arctan2(np.median(shear), np.median(np.abs(along)))))
+            per_mm = np.median(off_axis / along[:, None], axis=0)  # sideways shift per mm along the normal
+            if np.abs(off_axis - np.outer(along, per_mm)).max() > tolerance_mm * 10:
+                raise DicomSeriesError(
+                    f"{name}: expected slices stacked along their normal, found them moved sideways by uneven "
+                    f"amounts (up to {shear.max():.3f} mm a step): not one volume, nor a gantry tilt"
+                )
             if not resample_tilt:
                 raise DicomSeriesError(
                     f"{name}: expected slices stacked along their normal, found them sheared by {angle:.2f} degrees "
@@ -163,6 +169,11 @@ def _load_pixels(path: Path) -> np.ndarray:
     try:
         ds = pydicom.dcmread(path)
         pixels = ds.pixel_array
+        if "PixelData" in ds and not ds.file_meta.TransferSyntaxUID.is_encapsulated:
+            # pydicom drops native pixel data beyond what Rows x Columns hold: then one of them is wrong
+            expected = pydicom.pixels.utils.get_expected_length(ds)
+            if len(ds.PixelData) > expected + expected % 2:
+                raise ValueError(f"expected {expected} bytes for {ds.Rows} x {ds.Columns} pixels, found {len(ds.PixelData)}")
     except Exception as err:  # pydicom and its decoders raise many kinds for bad pixel data
         syntax = ""
         try:
