@@ -3,7 +3,10 @@
     .venv/bin/python bench/ingest.py [--data ../shared/data/dicom] [--repeats 3] [--out bench/results/ingest.json]
 
 Each tool converts each folder (dcm_qa_nih/In, dcm_qa_ts/In, dicom2nifti) into a fresh temporary
-folder, as a subprocess, so start-up and imports count as a user sees them. The runs are repeated
+folder, as a subprocess, so start-up and imports count as a user sees them; then the three folders
+copied into one tree, converted by a single run of each tool (start-up paid once, as when a user
+hands over one folder). The goals are checked on both: the sum of the three runs ("all") and the
+single run ("one tree"). The runs are repeated
 (interleaving the tools, in a rotating order) and the median is reported. Wall time is
 time.perf_counter() around the subprocess; peak memory is the largest resident set of any single
 process of the run (GNU `/usr/bin/time -f %M`, or getrusage(RUSAGE_CHILDREN) in a small Python
@@ -40,6 +43,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 FOLDERS = ("dcm_qa_nih/In", "dcm_qa_ts/In", "dicom2nifti")
 TOOLS = ("medseg", "dcm2niix", "dicom2nifti")
+TREE = "one tree"  # the three folders copied into one tree and converted by one run of each tool
 AFFINE_TOL_MM = 1e-3
 GNU_TIME = "/usr/bin/time"
 # Fallback when GNU time is missing: run the tool and write the children's peak RSS (KiB).
@@ -380,16 +384,21 @@ def main() -> None:
     print(f"medseg {info['medseg']} from {info['medseg_source']} ({info['medseg_commit']}), dcm2niix {info['dcm2niix']}, "
           f"dicom2nifti {info['dicom2nifti']}; data {data}", file=sys.stderr)
     work = Path(tempfile.mkdtemp(prefix="medseg-bench-ingest-"))
-    runs: dict[tuple[str, str], list[dict]] = {(t, f): [] for t in TOOLS for f in FOLDERS}
+    # The whole set as one folder tree, as a user hands it over: each tool starts once (untimed copy).
+    tree = work / "tree"
+    for folder in FOLDERS:
+        shutil.copytree(data / folder, tree / folder.split("/")[0])
+    sources = {**{f: data / f for f in FOLDERS}, TREE: tree}
+    runs: dict[tuple[str, str], list[dict]] = {(t, f): [] for t in TOOLS for f in sources}
     last: dict[tuple[str, str], Path] = {}
     try:
         for rep in range(args.repeats):
-            for fi, folder in enumerate(FOLDERS):
+            for fi, folder in enumerate(sources):
                 shift = (rep + fi) % len(TOOLS)
                 for tool in TOOLS[shift:] + TOOLS[:shift]:
                     out = work / f"{tool}-{folder.replace('/', '_')}-{rep}"
                     out.mkdir()
-                    wall, peak, rc = measure(cmd[tool](data / folder, out), out.with_suffix(".log"), env)
+                    wall, peak, rc = measure(cmd[tool](sources[folder], out), out.with_suffix(".log"), env)
                     n = count_converted(tool, out) if rc == 0 else 0
                     runs[tool, folder].append({"wall_s": wall, "peak_mib": peak, "rc": rc, "converted": n})
                     print(f"[{rep + 1}/{args.repeats}] {folder:14} {tool:12} {wall:7.2f} s {peak:7.0f} MiB "
@@ -424,7 +433,7 @@ def main() -> None:
 def summarize(runs: dict, repeats: int) -> dict:
     med = statistics.median
     rows = []
-    for folder in FOLDERS + ("all",):
+    for folder in FOLDERS + ("all", TREE):
         for tool in TOOLS:
             if folder == "all":  # per repeat: the sum over folders; then the median over repeats
                 walls = [sum(runs[tool, f][r]["wall_s"] for f in FOLDERS) for r in range(repeats)]
@@ -441,13 +450,15 @@ def summarize(runs: dict, repeats: int) -> dict:
         for peer in ("dcm2niix", "dicom2nifti"):
             row[f"time_vs_{peer}"] = row["wall_s"] / ref[peer]["wall_s"]
             row[f"memory_vs_{peer}"] = row["peak_mib"] / ref[peer]["peak_mib"]
-    total = {r["tool"]: r for r in rows if r["folder"] == "all"}
-    goals = {
-        "medseg_time_vs_dcm2niix": total["medseg"]["time_vs_dcm2niix"],
-        "medseg_at_most_2x_dcm2niix": total["medseg"]["time_vs_dcm2niix"] <= 2.0,
-        "dicom2nifti_time_vs_medseg": 1 / total["medseg"]["time_vs_dicom2nifti"],
-        "medseg_at_least_3x_faster_than_dicom2nifti": 1 / total["medseg"]["time_vs_dicom2nifti"] >= 3.0,
-    }
+    goals = {}
+    for where in ("all", TREE):  # the sum of three runs per tool, and one run on the whole tree
+        total = {r["tool"]: r for r in rows if r["folder"] == where}
+        goals[where] = {
+            "medseg_time_vs_dcm2niix": total["medseg"]["time_vs_dcm2niix"],
+            "medseg_at_most_2x_dcm2niix": total["medseg"]["time_vs_dcm2niix"] <= 2.0,
+            "dicom2nifti_time_vs_medseg": 1 / total["medseg"]["time_vs_dicom2nifti"],
+            "medseg_at_least_3x_faster_than_dicom2nifti": 1 / total["medseg"]["time_vs_dicom2nifti"] >= 3.0,
+        }
     return {"table": rows, "goals": goals,
             "runs": {f"{t} {f}": runs[t, f] for t, f in runs}}
 
@@ -456,16 +467,16 @@ def print_table(report: dict) -> None:
     print(f"\n{'tool':12} {'folder':14} {'wall s':>7} {'peak MiB':>9} {'series':>6} "
           f"{'time/dcm2niix':>13} {'time/dicom2nifti':>16} {'mem/dcm2niix':>12} {'mem/dicom2nifti':>15}")
     for r in report["table"]:
-        if r["folder"] == "all" and r["tool"] == TOOLS[0]:
+        if r["folder"] in ("all", TREE) and r["tool"] == TOOLS[0]:
             print("-" * 120)
         print(f"{r['tool']:12} {r['folder']:14} {r['wall_s']:7.2f} {r['peak_mib']:9.0f} {r['converted']:6d} "
               f"{r['time_vs_dcm2niix']:13.2f} {r['time_vs_dicom2nifti']:16.2f} "
               f"{r['memory_vs_dcm2niix']:12.2f} {r['memory_vs_dicom2nifti']:15.2f}")
-    g = report["goals"]
-    print(f"\ngoal: medseg at most 2x dcm2niix's time: {g['medseg_time_vs_dcm2niix']:.2f}x -> "
-          f"{'met' if g['medseg_at_most_2x_dcm2niix'] else 'MISSED'}")
-    print(f"goal: medseg at least 3x faster than dicom2nifti: {g['dicom2nifti_time_vs_medseg']:.2f}x -> "
-          f"{'met' if g['medseg_at_least_3x_faster_than_dicom2nifti'] else 'MISSED'}")
+    for where, g in report["goals"].items():
+        print(f"\n{where}: goal medseg at most 2x dcm2niix's time: {g['medseg_time_vs_dcm2niix']:.2f}x -> "
+              f"{'met' if g['medseg_at_most_2x_dcm2niix'] else 'MISSED'}")
+        print(f"{where}: goal medseg at least 3x faster than dicom2nifti: {g['dicom2nifti_time_vs_medseg']:.2f}x -> "
+              f"{'met' if g['medseg_at_least_3x_faster_than_dicom2nifti'] else 'MISSED'}")
 
 
 def check_agreement(last: dict, data: Path, cmd: dict, env: dict, work: Path) -> tuple[dict, dict]:

@@ -5,10 +5,15 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset, FileDataset
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_ENV = "MEDSEG_DATA"
@@ -88,6 +93,79 @@ def synthetic_msd(dest: Path, n_cases: int = 6, shape: tuple[int, int, int] = (2
     return dest
 
 
+def new_dicom_file(path: Path | str, sop_class: str) -> FileDataset:
+    """An empty DICOM file dataset for ``path`` of SOP class ``sop_class``: file meta (explicit VR
+    little endian), a 128-byte preamble and SOPClassUID/SOPInstanceUID set, the instance UID new."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    return ds
+
+
+def write_ct_slice(
+    path: Path | str,
+    pixels: np.ndarray,
+    *,
+    position: Sequence[float],
+    series_uid: str,
+    study_uid: str,
+    frame_uid: str | None = None,
+    orientation: Sequence[float] = (1, 0, 0, 0, 1, 0),
+    spacing: Sequence[float] = (0.5, 0.7),
+    instance: int = 1,
+    series_number: int | None = None,
+    slice_thickness: float | None = None,
+    rescale: tuple[float | str, float | str] | None = None,
+    modality: str = "CT",
+    sop_class: str | None = None,
+    patient_id: str = "synthetic",
+    edit: Callable[[Dataset], None] | None = None,
+) -> str:
+    """Write one classic single-frame DICOM slice (explicit VR little endian) at ``path``; return its SOPInstanceUID.
+
+    ``pixels`` (rows x columns, uint16) gives Rows, Columns and PixelData (16-bit unsigned
+    MONOCHROME2). ``position`` is ImagePositionPatient, ``orientation`` ImageOrientationPatient
+    and ``spacing`` PixelSpacing (between rows, between columns), written as given (so ``1`` and
+    ``1.0`` stay as written). The SOPInstanceUID is new. Optional tags are written only when set:
+    FrameOfReferenceUID (``frame_uid``), SeriesNumber, SliceThickness and RescaleSlope and
+    RescaleIntercept (``rescale`` = (slope, intercept)). The SOP class is CT Image Storage unless
+    ``sop_class`` names another. ``edit`` is called on the finished dataset just before it is saved.
+    """
+    from pydicom.uid import CTImageStorage
+
+    pixels = np.asarray(pixels)
+    if pixels.ndim != 2 or pixels.dtype != np.uint16:
+        raise ValueError(f"expected a 2D uint16 slice, found shape {pixels.shape} of {pixels.dtype}")
+    ds = new_dicom_file(path, CTImageStorage if sop_class is None else sop_class)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+    if frame_uid is not None:
+        ds.FrameOfReferenceUID = frame_uid
+    if series_number is not None:
+        ds.SeriesNumber = series_number
+    ds.Modality, ds.PatientID, ds.InstanceNumber = modality, patient_id, instance
+    ds.ImageOrientationPatient = list(orientation)
+    ds.ImagePositionPatient = list(position)
+    ds.PixelSpacing = list(spacing)
+    if slice_thickness is not None:
+        ds.SliceThickness = slice_thickness
+    if rescale is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    if edit is not None:
+        edit(ds)
+    ds.save_as(str(path), enforce_file_format=True)
+    return str(ds.SOPInstanceUID)
+
+
 def nifti_to_dicom_series(image_path: Path, folder: Path, *, modality: str = "MR", series_number: int = 1) -> Path:
     """Write a 3D NIfTI as a classic DICOM series (one file per slice, LPS geometry).
 
@@ -95,11 +173,10 @@ def nifti_to_dicom_series(image_path: Path, folder: Path, *, modality: str = "MR
     NIfTI's second axis, so reading the series back gives the NIfTI's affine. Whole numbers in
     0..65535 are stored as they are; other values (the float hippocampus scans) are stored as
     uint16 with RescaleSlope/RescaleIntercept, so they read back to within one slope step.
+    The SOP class is MR Image Storage whatever ``modality`` says.
     """
     import nibabel as nib
-    import pydicom
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+    from pydicom.uid import MRImageStorage, generate_uid
 
     img = nib.load(str(image_path))
     data = np.asanyarray(img.dataobj)
@@ -110,33 +187,36 @@ def nifti_to_dicom_series(image_path: Path, folder: Path, *, modality: str = "MR
         intercept = float(data.min())
         slope = max(float(data.max()) - intercept, 1e-6) / 65535.0
     stored = np.round((data.astype(np.float64) - intercept) / slope).astype(np.uint16)
+    rescale = None if slope == 1.0 and intercept == 0.0 else (f"{slope:.10g}"[:16], f"{intercept:.10g}"[:16])
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine
     spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
     row_dir, col_dir = lps[:3, 0] / spacing[0], lps[:3, 1] / spacing[1]
     folder.mkdir(parents=True, exist_ok=True)
     study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
-    for k in range(data.shape[2]):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MRImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(str(folder / f"IM{k:04d}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
-        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = modality, series_number, k + 1
-        ds.PatientName, ds.PatientID = "Test^Synthetic", f"SYN{series_number:04d}"
+
+    def describe(ds: Dataset) -> None:
+        ds.PatientName = "Test^Synthetic"
         ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20260101", "120000", "1", "A1"
         ds.PatientBirthDate, ds.PatientSex, ds.ReferringPhysicianName = "", "O", ""
         ds.Manufacturer, ds.SeriesDescription = "medseg tests", image_path.name
-        ds.ImageOrientationPatient = [*map(float, row_dir), *map(float, col_dir)]
-        ds.ImagePositionPatient = [float(v) for v in (lps @ [0, 0, k, 1])[:3]]
-        ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]
-        ds.SliceThickness = float(spacing[2])
-        ds.Rows, ds.Columns = data.shape[1], data.shape[0]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        if slope != 1.0 or intercept != 0.0:
-            ds.RescaleSlope, ds.RescaleIntercept = f"{slope:.10g}"[:16], f"{intercept:.10g}"[:16]
-        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
-        ds.save_as(str(folder / f"IM{k:04d}.dcm"), enforce_file_format=True)
+
+    for k in range(data.shape[2]):
+        write_ct_slice(
+            folder / f"IM{k:04d}.dcm",
+            stored[:, :, k].T,
+            position=[float(v) for v in (lps @ [0, 0, k, 1])[:3]],
+            orientation=[*map(float, row_dir), *map(float, col_dir)],
+            spacing=(float(spacing[1]), float(spacing[0])),
+            series_uid=series_uid,
+            study_uid=study_uid,
+            frame_uid=frame_uid,
+            instance=k + 1,
+            series_number=series_number,
+            slice_thickness=float(spacing[2]),
+            rescale=rescale,
+            modality=modality,
+            sop_class=MRImageStorage,
+            patient_id=f"SYN{series_number:04d}",
+            edit=describe,
+        )
     return folder

@@ -1,6 +1,8 @@
 """Find the DICOM series under a folder of any structure, reading headers only.
 
-Files are read in parallel without their pixel data. Image objects are grouped by
+Each file is parsed once, its pixel data (and any other large value) deferred: the header
+decides where the file belongs, and the same data set later yields the pixels without a second
+parse. Parsing is pure Python, so it runs in one thread (threads only contend for the GIL). Image objects are grouped by
 SeriesInstanceUID and a series is split further where it mixes slice orientations, image
 sizes or echoes (each part becomes its own volume). Segmentations (DICOM-SEG) and structure
 sets (RTSTRUCT) are kept apart as label objects; other DICOM objects (reports, presentation
@@ -13,7 +15,6 @@ import hashlib
 import logging
 import os
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -53,6 +54,7 @@ class SeriesGroup:
     header: pydicom.Dataset  # the header of its first file, for metadata
     folder: Path
     copy: int = 0  # 1, 2, ... when the same series is stored in several folders
+    datasets: dict[Path, pydicom.Dataset] = field(default_factory=dict, repr=False)  # path -> parsed file (pixels deferred)
 
     @property
     def case_id(self) -> str:
@@ -110,9 +112,13 @@ def list_files(root: Path) -> list[Path]:
     return out
 
 
+# Values this large (pixel data, vendor blobs) are read from the file only when used.
+DEFER_SIZE = 16384
+
+
 def _read_header(path: Path) -> DicomFile | tuple[Path, str]:
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
     except InvalidDicomError:
         return path, "not a DICOM file"
     except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as err:
@@ -174,15 +180,20 @@ def _damage(ds: pydicom.Dataset) -> str:
 
 
 def read_headers(paths: Sequence[Path], *, workers: int = 4) -> tuple[list[DicomFile], list[tuple[Path, str]]]:
-    """Headers of ``paths`` read in parallel: (DICOM files, (path, reason) for the others)."""
+    """Headers of ``paths``: (DICOM files, (path, reason) for the others).
+
+    Parsing is pure Python and holds the GIL, so it runs in this one thread. Measured on the test
+    data (about 770 files, warm cache, 2 cores): one thread 2.1 to 2.5 s; four parsing threads
+    2.6 s; four threads reading the files ahead of one parser 2.9 to 3.3 s; a process pool
+    spends 2 s pickling the parsed headers and 2 s unpickling them. ``workers`` is kept for the API."""
+    del workers
     found: list[DicomFile] = []
     skipped: list[tuple[Path, str]] = []
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for result in _progress(pool.map(_read_header, paths), len(paths), "reading DICOM headers"):
-            if isinstance(result, DicomFile):
-                found.append(result)
-            else:
-                skipped.append(result)
+    for result in _progress(map(_read_header, paths), len(paths), "reading DICOM headers"):
+        if isinstance(result, DicomFile):
+            found.append(result)
+        else:
+            skipped.append(result)
     return found, skipped
 
 
@@ -272,8 +283,27 @@ def _add_groups(
     first_header = {m.path: m.header for m in members}
     for index, (part_frames, reason) in enumerate(parts, start=1):
         groups.append(
-            SeriesGroup(uid, index, len(parts), reason, part_frames, first_header[part_frames[0].path], folder, copy)
+            SeriesGroup(uid, index, len(parts), reason, part_frames, first_header[part_frames[0].path], folder, copy,
+                        datasets={f.path: first_header[f.path] for f in part_frames})
         )
+
+
+def _drop_copies(files: list[DicomFile]) -> tuple[list[DicomFile], list[tuple[Path, str]]]:
+    """One file per image in a folder: a second file with the same SOPInstanceUID (a copied file) is
+    ignored, as dcm2niix does. The same image in other folders is a copy of the series (``_split_copies``)."""
+    kept: list[DicomFile] = []
+    first: dict[tuple[Path, str], Path] = {}
+    copies: list[tuple[Path, str]] = []
+    for f in files:
+        uid = str(f.header.get("SOPInstanceUID", "") or "")
+        key = (f.path.parent, uid)
+        if uid and f.kind == "image" and key in first:
+            log.warning("%s: ignored, the same image (SOPInstanceUID) as %s", f.path, first[key].name)
+            copies.append((f.path, f"a second copy of the image in {first[key]} (same SOPInstanceUID)"))
+            continue
+        first.setdefault(key, f.path)
+        kept.append(f)
+    return kept, copies
 
 
 def _series_number(group: SeriesGroup) -> int:
@@ -298,7 +328,9 @@ def scan(root: Path | Sequence[Path], *, workers: int = 4) -> ScanResult:
             raise DicomSeriesError(f"{missing[0]}: expected a DICOM file, found nothing there")
         root = Path(os.path.commonpath([str(p.parent) for p in paths])) if paths else Path(".")
     files, skipped = read_headers(paths, workers=workers)
+    files, copies = _drop_copies(files)
     result = ScanResult(root)
+    result.ignored.extend(copies)
     # A damaged DICOM file (unreadable, truncated) is refused, not ignored: it may be a slice of a series.
     result.ignored.extend(s for s in skipped if s[1] == "not a DICOM file")
     damaged = [(str(p), f"{p}: {why}") for p, why in skipped if why != "not a DICOM file"]

@@ -7,12 +7,15 @@ into the sidecar. ``IDENTIFYING_KEYWORDS`` lists the attributes a privacy check 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 import pydicom
 
 from medseg.dicom.volume import SeriesVolume
+
+log = logging.getLogger(__name__)
 
 # Acquisition attributes safe to copy: they describe the scanner and the sequence, not the person.
 ALLOWED_KEYWORDS = (
@@ -89,7 +92,11 @@ def sidecar(header: pydicom.Dataset, volume: SeriesVolume, *, case_id: str) -> d
     """The sidecar of one converted series: allowed attributes plus the geometry medseg wrote."""
     out: dict[str, Any] = {"case_id": case_id}
     for keyword in ALLOWED_KEYWORDS:
-        value = header.get(keyword)
+        try:
+            value = header.get(keyword)
+        except Exception as err:  # pydicom converts on first use and raises many kinds for a damaged value
+            log.warning("%s: left %s out of the sidecar: its value is unreadable (%s)", case_id, keyword, type(err).__name__)
+            continue
         if value not in (None, ""):
             out[keyword] = _plain(value)
     meta = getattr(header, "file_meta", None)

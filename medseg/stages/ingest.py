@@ -16,6 +16,7 @@ series they reference; ``report.json`` lists refused series and ignored files.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,31 +138,45 @@ def ingest_case(
     image = _load_image(case)
     _check_finite(image)
     label = _load_label(case.label, image, labels, config.affine_tolerance_mm) if case.label else None
-    sources = [SourceFile(path=str(p), sha256=sha256(p)) for p in case.images if p.is_file()]
-    if case.label:
-        sources.append(SourceFile(path=str(case.label), sha256=sha256(case.label)))
+    files = [p for p in case.images if p.is_file()] + ([case.label] if case.label else [])
     data = image.data[..., 0] if image.data.shape[-1] == 1 else image.data
-    image_rel = f"images/{case.case_id}.nii.gz"
-    save_nifti(out_dir / image_rel, data, image.affine)
+    return write_case(out_dir, case.case_id, data, image.data, image.affine, label, files)
+
+
+def write_case(
+    out_dir: Path,
+    case_id: str,
+    image: np.ndarray,
+    channels: np.ndarray,
+    affine: np.ndarray,
+    label: np.ndarray | None,
+    sources: Sequence[Path],
+) -> CaseRecord:
+    """Write a checked case as ``images/<case>.nii.gz`` (and ``labels/<case>.nii.gz``) and describe it.
+
+    ``image`` is written as it is (3D, or 4D with its volumes); ``channels`` is the same data as
+    (x, y, z, channel) for the intensity statistics; ``sources`` are the input files, hashed."""
+    image_rel = f"images/{case_id}.nii.gz"
+    save_nifti(out_dir / image_rel, image, affine)
     label_rel = None
     label_voxels = None
     if label is not None:
-        label_rel = f"labels/{case.case_id}.nii.gz"
-        save_nifti(out_dir / label_rel, label, image.affine)
+        label_rel = f"labels/{case_id}.nii.gz"
+        save_nifti(out_dir / label_rel, label, affine)
         values, counts = np.unique(label, return_counts=True)
         label_voxels = {int(v): int(n) for v, n in zip(values, counts)}
-    zooms = np.sqrt((image.affine[:3, :3] ** 2).sum(axis=0))
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     return CaseRecord(
-        case_id=case.case_id,
+        case_id=case_id,
         image=image_rel,
         label=label_rel,
-        sources=sources,
-        shape=list(image.data.shape[:3]),
-        channels=int(image.data.shape[-1]),
+        sources=[SourceFile(path=str(p), sha256=sha256(p)) for p in sources],
+        shape=list(channels.shape[:3]),
+        channels=int(channels.shape[-1]),
         spacing_mm=[float(z) for z in zooms],
-        orientation="".join(nib.aff2axcodes(image.affine)),
-        affine=image.affine.tolist(),
-        intensity=intensity_stats(image.data, label),
+        orientation="".join(nib.aff2axcodes(affine)),
+        affine=affine.tolist(),
+        intensity=intensity_stats(channels, label),
         label_voxels=label_voxels,
     )
 

@@ -16,7 +16,6 @@ import re
 from collections import Counter
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from medseg.config import IngestConfig
@@ -25,9 +24,9 @@ from medseg.dicom.scan import DicomFile, SeriesGroup
 from medseg.dicom.sidecar import sidecar
 from medseg.dicom.volume import SeriesVolume, build_volume
 from medseg.errors import DataError
-from medseg.io import save_nifti, sha256, write_json
-from medseg.manifest import CaseRecord, FailedCase, Manifest, SourceFile, save_manifest
-from medseg.stages.ingest import IngestResult, intensity_stats
+from medseg.io import write_json
+from medseg.manifest import CaseRecord, FailedCase, Manifest, save_manifest
+from medseg.stages.ingest import IngestResult, write_case
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +72,9 @@ def _convert(
 ) -> tuple[CaseRecord, dict[int, str] | None]:
     volume = build_volume(
         group.frames, group.name, tolerance_mm=config.slice_tolerance_mm, min_slices=config.min_slices,
-        resample_tilt=config.resample_tilt, workers=workers,
+        resample_tilt=config.resample_tilt, workers=workers, datasets=group.datasets,
     )
+    group.datasets.clear()  # the parsed files now hold their pixel data: let them go
     data = volume.data
     channels = data.shape[3] if data.ndim == 4 else 1
     label = None
@@ -85,33 +85,18 @@ def _convert(
             log.warning("%s: %d label objects reference it; using %s", group.name, len(label_objects), label_objects[0].path)
         label, label_names = _read_label(label_objects[0], volume, names)
         label_sources.append(label_objects[0].path)
-    image_rel = f"images/{case_id}.nii.gz"
-    save_nifti(out_dir / image_rel, data, volume.affine)
-    write_json(out_dir / f"images/{case_id}.json", sidecar(group.header, volume, case_id=case_id))
-    label_rel = None
-    label_voxels = None
-    if label is not None:
-        label_rel = f"labels/{case_id}.nii.gz"
-        save_nifti(out_dir / label_rel, label, volume.affine)
-        values, counts = np.unique(label, return_counts=True)
-        label_voxels = {int(v): int(n) for v, n in zip(values, counts)}
     files = sorted({f.path for f in group.frames}) + label_sources
     as_channels = data.reshape(data.shape[:3] + (channels,)).astype(np.float32, copy=False)
-    zooms = np.sqrt((volume.affine[:3, :3] ** 2).sum(axis=0))
-    record = CaseRecord(
-        case_id=case_id,
-        image=image_rel,
-        label=label_rel,
-        sources=[SourceFile(path=str(p), sha256=sha256(p)) for p in files],
-        shape=list(data.shape[:3]),
-        channels=int(channels),
-        spacing_mm=[float(z) for z in zooms],
-        orientation="".join(nib.aff2axcodes(volume.affine)),
-        affine=volume.affine.tolist(),
-        intensity=intensity_stats(as_channels, label),
-        label_voxels=label_voxels,
-    )
+    record = write_case(out_dir, case_id, data, as_channels, volume.affine, label, files)
+    write_json(out_dir / f"images/{case_id}.json", sidecar(group.header, volume, case_id=case_id))
     return record, label_names
+
+
+def _damaged_beside(group: SeriesGroup, refused: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The refused (damaged) files in a folder that holds images of ``group``: any of them may be
+    one of its slices, whose series UID could not be read."""
+    folders = {f.path.parent for f in group.frames}
+    return [(path, why) for path, why in refused if Path(path).parent in folders]
 
 
 def ingest_dicom(root: Path, out_dir: Path, config: IngestConfig | None = None, *, workers: int = 4) -> IngestResult:
@@ -129,6 +114,13 @@ def ingest_dicom(root: Path, out_dir: Path, config: IngestConfig | None = None, 
         seen[case_id] = seen.get(case_id, 0) + 1
         if seen[case_id] > 1:
             case_id = f"{case_id}_{seen[case_id]}"
+        damaged = _damaged_beside(group, found.refused)
+        if damaged:
+            error = (f"{group.name}: expected every DICOM file beside its images to be readable, found {len(damaged)} "
+                     f"damaged (a slice of it could be missing unnoticed); first: {damaged[0][1]}")
+            log.error("series left out: %s", error)
+            failed.append(FailedCase(case_id=case_id, file=str(group.folder), error=error))
+            continue
         try:
             record, label_names = _convert(
                 group, case_id, out_dir, config, labels_of.get(group.series_uid, []), names, workers

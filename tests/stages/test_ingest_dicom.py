@@ -12,6 +12,8 @@ import numpy as np
 import pydicom
 import pytest
 
+from conftest import write_ct_slice
+
 from medseg.dicom.scan import list_files
 from medseg.dicom.sidecar import IDENTIFYING_KEYWORDS
 from medseg.io import sha256
@@ -131,3 +133,64 @@ def test_a_folder_without_any_volume_is_a_clear_error(shared_data: Path, tmp_pat
         ingest(shared_data / D2N / "failing/gantrytilting", tmp_path / "out")
     report = json.loads((tmp_path / "out/report.json").read_text())
     assert "gantry tilt" in report["refused"][0]["error"]
+
+
+def _series(folder: Path, n: int = 4, *, number: int = 1, edit=None) -> list[Path]:
+    """``n`` CT slices 2 mm apart in ``folder``, one series; returns their paths in slice order."""
+    from pydicom.uid import generate_uid
+
+    series_uid, study_uid = generate_uid(), generate_uid()
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k in range(n):
+        path = folder / f"IM{k:03d}.dcm"
+        pixels = np.full((6, 5), 100 * k + number, dtype=np.uint16)
+        write_ct_slice(path, pixels, position=(0.0, 0.0, 2.0 * k), series_uid=series_uid, study_uid=study_uid,
+                       instance=k + 1, series_number=number, edit=edit)
+        paths.append(path)
+    return paths
+
+
+def test_a_damaged_file_beside_a_series_refuses_that_series_only(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    damaged = _series(root / "a", number=1)
+    _series(root / "b", number=2)
+    # Cut the last slice of series 1 inside its header: its series UID can no longer be read.
+    damaged[-1].write_bytes(damaged[-1].read_bytes()[:200])
+    result = ingest(root, tmp_path / "out")
+    manifest, _ = load_manifest(result.manifest_path)
+    assert [c.case_id[:5] for c in manifest.cases] == ["ct002"]
+    report = json.loads((tmp_path / "out/report.json").read_text())
+    errors = {Path(r["file"]).name: r["error"] for r in report["refused"]}
+    assert set(errors) == {"a", damaged[-1].name}
+    assert "series 1 in" in errors["a"] and "found 1 damaged" in errors["a"] and damaged[-1].name in errors["a"]
+
+
+def test_a_copied_file_is_ignored_and_the_series_converted(tmp_path: Path) -> None:
+    import shutil
+
+    paths = _series(tmp_path / "root/s", n=3)
+    shutil.copy(paths[1], paths[1].with_name("copy of IM001.dcm"))
+    result = ingest(tmp_path / "root", tmp_path / "out")
+    manifest, root = load_manifest(result.manifest_path)
+    assert manifest.cases[0].shape == [5, 6, 3] and not manifest.failed
+    data = np.asanyarray(nib.load(str(root / manifest.cases[0].image)).dataobj)
+    assert [int(data[0, 0, k]) for k in range(3)] == [1, 101, 201]
+    report = json.loads((tmp_path / "out/report.json").read_text())
+    assert [(Path(r["file"]).name, r["reason"]) for r in report["ignored"]] == [
+        ("copy of IM001.dcm", f"a second copy of the image in {paths[1]} (same SOPInstanceUID)")
+    ]
+
+
+def test_a_damaged_sidecar_value_is_left_out_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def kvp(ds: pydicom.Dataset) -> None:
+        ds.KVP = "1e99"
+
+    for path in _series(tmp_path / "root/s", n=3, edit=kvp):  # then damage the value in the file
+        path.write_bytes(path.read_bytes().replace(b"DS\x04\x001e99", b"XX\x04\x001e99"))  # an unknown VR
+    with caplog.at_level("WARNING"):
+        result = ingest(tmp_path / "root", tmp_path / "out")
+    manifest, root = load_manifest(result.manifest_path)
+    side = json.loads((root / manifest.cases[0].image.replace(".nii.gz", ".json")).read_text())
+    assert "KVP" not in side and side["Modality"] == "CT"
+    assert any("left KVP out of the sidecar" in r.getMessage() for r in caplog.records)

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from conftest import write_ct_slice
+from pydicom.uid import generate_uid
 
 from medseg.dicom import read_series
 from medseg.errors import DicomSeriesError
@@ -96,33 +96,17 @@ def _raw_slice(k: int) -> np.ndarray:
 
 
 def _write_ct_slice(path: Path, k: int, z: float, series_uid: str, study_uid: str) -> None:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.Modality = "CT"
-    ds.PatientID = "synthetic"
-    ds.InstanceNumber = k + 1
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.ImagePositionPatient = [ORIGIN_XY[0], ORIGIN_XY[1], z]
-    ds.PixelSpacing = [0.5, 0.7]  # row spacing (between rows), column spacing (between columns)
-    ds.SliceThickness = 2.5
-    ds.RescaleSlope = 2
-    ds.RescaleIntercept = -100
-    ds.Rows, ds.Columns = ROWS, COLS
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.PixelData = _raw_slice(k).tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
+    """Slice k at z: stored _raw_slice(k), rescaled 2 x - 100, PixelSpacing 0.5 (between rows), 0.7 (columns)."""
+    write_ct_slice(
+        path,
+        _raw_slice(k),
+        position=(ORIGIN_XY[0], ORIGIN_XY[1], z),
+        series_uid=series_uid,
+        study_uid=study_uid,
+        instance=k + 1,
+        slice_thickness=2.5,
+        rescale=(2, -100),
+    )
 
 
 def _synthetic_series(folder: Path, seed: int = 0) -> Path:

@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
+from conftest import write_ct_slice
+from pydicom.dataset import Dataset
+from pydicom.uid import EnhancedCTImageStorage, generate_uid
 
 from medseg.dicom import SeriesVolume, build_volume, read_series, scan
 from medseg.errors import DataError, DicomSeriesError, MedsegError
@@ -83,38 +84,27 @@ def _write_slice(
     series_number: int = 1,
     edit: Callable[[Dataset], None] | None = None,
 ) -> Path:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.SeriesNumber = series_number
-    ds.Modality = "CT"
-    ds.PatientID = "synthetic"
-    ds.InstanceNumber = k + 1
-    ds.ImageOrientationPatient = list(orientation)
-    ds.ImagePositionPatient = list(position)
-    ds.PixelSpacing = list(SPACING)
-    ds.SliceThickness = STEP
-    ds.RescaleSlope = 2
-    ds.RescaleIntercept = -100
-    ds.Rows, ds.Columns = rows, cols
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.PixelData = _raw_slice(k, rows, cols, offset).tobytes()
-    if edit is not None:
-        edit(ds)
+    """Slice k of an axial-style CT series (stored _raw_slice(k, rows, cols, offset), rescaled 2 x - 100).
+
+    ``edit`` changes the dataset just before it is saved; a value written as
+    ``1e99`` ends up as the non-number ``ten `` in the file.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns on the invalid values some cases write on purpose
-        ds.save_as(str(path), enforce_file_format=True)
+        write_ct_slice(
+            path,
+            _raw_slice(k, rows, cols, offset),
+            position=position,
+            orientation=orientation,
+            spacing=SPACING,
+            series_uid=series_uid,
+            study_uid=study_uid,
+            instance=k + 1,
+            series_number=series_number,
+            slice_thickness=STEP,
+            rescale=(2, -100),
+            edit=edit,
+        )
     raw = path.read_bytes()
     if b"1e99" in raw:  # pydicom will not write a DS that is not a number: put one in its place (CONTRADICTIONS)
         path.write_bytes(raw.replace(b"1e99", b"ten "))
@@ -442,13 +432,12 @@ def test_duplicate_slice_with_the_same_order_keys_is_refused(tmp_path: Path) -> 
     _assert_clear(info.value, folder, "nothing orders them")
 
 
-def test_exact_copy_of_a_file_in_the_same_folder_is_refused(tmp_path: Path) -> None:
+def test_exact_copy_of_a_file_in_the_same_folder_is_ignored(tmp_path: Path) -> None:
     folder = tmp_path / "s"
     files = _write_series(folder)
     (folder / "copy.dcm").write_bytes(files[3].read_bytes())
-    with pytest.raises(DicomSeriesError) as info:
-        read_series(folder)
-    _assert_clear(info.value, folder, "same number of images at every slice position")
+    _assert_exact(read_series(folder))
+    assert scan(folder).ignored == [(folder / "copy.dcm", f"a second copy of the image in {files[3]} (same SOPInstanceUID)")]
 
 
 @pytest.mark.parametrize(

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from conftest import new_dicom_file, write_ct_slice
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, generate_uid
 
 from medseg.dicom import SeriesVolume, read_series, scan
 from medseg.dicom.labels import LabelVolume, read_labels, read_rtstruct, read_seg, referenced_series_uid
@@ -346,32 +347,23 @@ SPACING = (0.5, 0.7)  # PixelSpacing: between rows, between columns
 Z_POSITIONS = (10.0, 12.5, 15.0)
 
 
-def _write_ct_slice(path: Path, k: int, uids: dict[str, str]) -> str:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = uids["study"], uids["series"], uids["frame"]
-    ds.Modality, ds.PatientID, ds.InstanceNumber = "CT", "synthetic", k + 1
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.ImagePositionPatient = [ORIGIN_XY[0], ORIGIN_XY[1], Z_POSITIONS[k]]
-    ds.PixelSpacing = list(SPACING)
-    ds.SliceThickness = 2.5
-    ds.Rows, ds.Columns = ROWS, COLS
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = np.full((ROWS, COLS), 1000 + k, dtype=np.uint16).tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
-    return str(ds.SOPInstanceUID)
-
-
 def _synthetic_ct(folder: Path) -> tuple[SeriesVolume, dict[str, str], list[str]]:
     folder.mkdir(parents=True)
     uids = {"study": generate_uid(), "series": generate_uid(), "frame": generate_uid()}
-    sops = [_write_ct_slice(folder / f"IM{2 - k}.dcm", k, uids) for k in range(len(Z_POSITIONS))]
+    sops = [
+        write_ct_slice(
+            folder / f"IM{2 - k}.dcm",
+            np.full((ROWS, COLS), 1000 + k, dtype=np.uint16),
+            position=(ORIGIN_XY[0], ORIGIN_XY[1], Z_POSITIONS[k]),
+            spacing=SPACING,
+            series_uid=uids["series"],
+            study_uid=uids["study"],
+            frame_uid=uids["frame"],
+            instance=k + 1,
+            slice_thickness=2.5,
+        )
+        for k in range(len(Z_POSITIONS))
+    ]
     return read_series(folder), uids, sops
 
 
@@ -386,12 +378,7 @@ def _write_rtstruct(
     path: Path, uids: dict[str, str], image_sops: list[str], rois: dict[str, list[tuple[np.ndarray, str | None]]]
 ) -> Path:
     """A structure set on the series ``uids``; ``rois``: name -> contours as ((n, 3) LPS mm points, image SOP)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = RTSTRUCT_STORAGE
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = RTSTRUCT_STORAGE, meta.MediaStorageSOPInstanceUID
+    ds = new_dicom_file(path, RTSTRUCT_STORAGE)
     ds.Modality, ds.PatientID = "RTSTRUCT", "synthetic"
     ds.StudyInstanceUID, ds.SeriesInstanceUID = uids["study"], generate_uid()
     images = [_item(ReferencedSOPClassUID=CTImageStorage, ReferencedSOPInstanceUID=uid) for uid in image_sops]

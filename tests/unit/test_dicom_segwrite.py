@@ -16,8 +16,8 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SegmentationStorage, generate_uid
+from conftest import write_ct_slice
+from pydicom.uid import SegmentationStorage, generate_uid
 
 from medseg.dicom import SeriesVolume, read_series
 from medseg.dicom.segwrite import read_seg_labels, write_seg
@@ -37,40 +37,6 @@ ROWS, COLS = 5, 7
 Z_POSITIONS = (10.0, 12.5, 15.0, 17.5)
 
 
-def _write_ct_slice(path: Path, k: int, series_uid: str, study_uid: str, frame_uid: str) -> str:
-    """One CT slice at z = Z_POSITIONS[k]; returns its SOPInstanceUID."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.FrameOfReferenceUID = frame_uid
-    ds.Modality = "CT"
-    ds.PatientID = "synthetic"
-    ds.InstanceNumber = k + 1
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.ImagePositionPatient = [-20.0, 30.0, Z_POSITIONS[k]]
-    ds.PixelSpacing = [0.5, 0.7]
-    ds.SliceThickness = 2.5
-    ds.RescaleSlope = 1
-    ds.RescaleIntercept = -1024
-    ds.Rows, ds.Columns = ROWS, COLS
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    r, c = np.indices((ROWS, COLS))
-    ds.PixelData = (1000 + 100 * k + 10 * r + c).astype(np.uint16).tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
-    return str(ds.SOPInstanceUID)
-
-
 def _synthetic_series(folder: Path, seed: int = 0) -> dict[str, str]:
     """The series in ``folder`` (file names in shuffled slice order); returns its UIDs."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -79,8 +45,19 @@ def _synthetic_series(folder: Path, seed: int = 0) -> dict[str, str]:
     random.Random(seed).shuffle(order)
     if order == sorted(order):
         order.reverse()
-    for name_index, k in enumerate(order):
-        _write_ct_slice(folder / f"IM{name_index:04d}.dcm", k, uids["series"], uids["study"], uids["frame"])
+    r, c = np.indices((ROWS, COLS))
+    for name_index, k in enumerate(order):  # slice k at z = Z_POSITIONS[k], CT numbers rescaled by x - 1024
+        write_ct_slice(
+            folder / f"IM{name_index:04d}.dcm",
+            (1000 + 100 * k + 10 * r + c).astype(np.uint16),
+            position=(-20.0, 30.0, Z_POSITIONS[k]),
+            series_uid=uids["series"],
+            study_uid=uids["study"],
+            frame_uid=uids["frame"],
+            instance=k + 1,
+            slice_thickness=2.5,
+            rescale=(1, -1024),
+        )
     return uids
 
 
