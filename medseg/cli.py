@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", type=Path)
     p.add_argument("--output", "--out", dest="output", type=Path)
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="files read at once (default: CPU count, at most 8)")
+                   help="worker processes for a large DICOM tree (default: CPU count, at most 8)")
     _config_args(p)
 
     p = add("plan", cmd_plan, "dataset fingerprint and plan (spacing, patch, batch, normalization, folds)")

@@ -43,7 +43,7 @@ def read_series(
     group = found.series[0]
     return build_volume(
         group.frames, group.name, tolerance_mm=tolerance_mm, min_slices=min_slices,
-        resample_tilt=resample_tilt, workers=workers, datasets=group.datasets,
+        resample_tilt=resample_tilt, workers=workers, locations=group.pixels,
     )
 
 

@@ -1,20 +1,29 @@
 """Find the DICOM series under a folder of any structure, reading headers only.
 
-Each file is parsed once, its pixel data (and any other large value) deferred: the header
-decides where the file belongs, and the same data set later yields the pixels without a second
-parse. Parsing is pure Python, so it runs in one thread (threads only contend for the GIL). Image objects are grouped by
-SeriesInstanceUID and a series is split further where it mixes slice orientations, image
-sizes or echoes (each part becomes its own volume). Segmentations (DICOM-SEG) and structure
-sets (RTSTRUCT) are kept apart as label objects; other DICOM objects (reports, presentation
-states, DICOMDIR) and non-DICOM files are listed as ignored.
+Each file is parsed once, its pixel data (and any other large value) deferred. What the rest of
+medseg needs from it is kept in a small ``DicomFile``: a slim copy of the header, the frames with
+their geometry, where its plain pixels lie in the file, and which series a label object
+references. Being small, these come back cheaply from worker processes, which parse a large
+tree on several cores; the full data sets are dropped.
+
+Image objects are grouped by SeriesInstanceUID and a series is split further where it mixes
+slice orientations, image sizes or echoes (each part becomes its own volume). Segmentations
+(DICOM-SEG) and structure sets (RTSTRUCT) are kept apart as label objects; other DICOM objects
+(reports, presentation states, DICOMDIR) and non-DICOM files are listed as ignored.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing as mp
 import os
-from collections.abc import Iterable, Sequence
+import sys
+import threading
+from functools import cache
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from multiprocessing.pool import Pool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -24,6 +33,8 @@ import pydicom
 from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from medseg.dicom.frames import Frame, frames_of
+from medseg.dicom.sidecar import ALLOWED_KEYWORDS
+from medseg.dicom.volume import PixelLocation, pixel_location
 from medseg.errors import DicomSeriesError
 
 log = logging.getLogger(__name__)
@@ -35,11 +46,17 @@ ObjectKind = Literal["image", "seg", "rtstruct", "other"]
 
 @dataclass(frozen=True)
 class DicomFile:
-    """One DICOM file's header (no pixel data) and what kind of object it holds."""
+    """What the scan keeps of one DICOM file: a slim header (``SLIM_KEYWORDS``), its kind, and for
+    an image its frames (or why they cannot be read) and where its plain pixels lie; for a label
+    object, the SeriesInstanceUID it references (None if it names none)."""
 
     path: Path
     header: pydicom.Dataset
     kind: ObjectKind
+    frames: tuple[Frame, ...] = ()
+    frame_error: str = ""
+    pixels: PixelLocation | None = None
+    references: str | None = None
 
 
 @dataclass
@@ -54,7 +71,7 @@ class SeriesGroup:
     header: pydicom.Dataset  # the header of its first file, for metadata
     folder: Path
     copy: int = 0  # 1, 2, ... when the same series is stored in several folders
-    datasets: dict[Path, pydicom.Dataset] = field(default_factory=dict, repr=False)  # path -> parsed file (pixels deferred)
+    pixels: dict[Path, PixelLocation] = field(default_factory=dict, repr=False)  # files whose plain pixels can be read straight
 
     @property
     def case_id(self) -> str:
@@ -112,17 +129,16 @@ def list_files(root: Path) -> list[Path]:
     return out
 
 
-# Values this large (pixel data, vendor blobs) are read from the file only when used.
+# Values this large (pixel data, vendor blobs) are skipped when the header is read.
 DEFER_SIZE = 16384
 
 
-def _read_header(path: Path) -> DicomFile | tuple[Path, str]:
+def _read_file(path: Path) -> DicomFile | tuple[Path, str]:
+    """The ``DicomFile`` of ``path``, or (path, why) when it is no DICOM file or a damaged one."""
     try:
         ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
     except InvalidDicomError:
         return path, "not a DICOM file"
-    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as err:
-        return path, f"unreadable DICOM header ({type(err).__name__}: {err})"
     except Exception as err:  # pydicom raises a wide range on damaged files; keep the scan going
         return path, f"unreadable DICOM header ({type(err).__name__}: {err})"
     try:  # pydicom converts a value on first use, and raises there if it is damaged
@@ -140,7 +156,57 @@ def _read_header(path: Path) -> DicomFile | tuple[Path, str]:
                 return path, damage
     except Exception as err:  # BytesLengthException, ValueError, NotImplementedError (unknown VR), ...
         return path, f"unreadable DICOM header ({type(err).__name__}: {err})"
-    return DicomFile(path, ds, kind)
+    return _summary(path, ds, kind)
+
+
+def _summary(path: Path, ds: pydicom.Dataset, kind: ObjectKind) -> DicomFile:
+    if kind == "image":
+        try:
+            frames, error = tuple(frames_of(ds, path)), ""
+        except DicomSeriesError as err:
+            frames, error = (), str(err)
+        except (ValueError, TypeError, NotImplementedError, BytesLengthException) as err:
+            # a damaged value in a sequence (multi-frame groups), which pydicom converts on first use
+            frames, error = (), f"{path}: unreadable DICOM header ({type(err).__name__}: {err})"
+        return DicomFile(path, _slim(ds), kind, frames, error, pixel_location(ds))
+    references = None
+    if kind in ("seg", "rtstruct"):
+        from medseg.dicom.labels import referenced_series_uid  # labels imports this module
+
+        try:
+            references = referenced_series_uid(ds)
+        except Exception as err:  # a damaged reference: the object references nothing usable
+            log.warning("%s: cannot read the series this %s references (%s)", path, kind.upper(), type(err).__name__)
+    return DicomFile(path, _slim(ds), kind, references=references)
+
+
+# The header attributes a DicomFile keeps: what grouping, naming, case ids and the sidecar read.
+SLIM_KEYWORDS = tuple(dict.fromkeys((
+    "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+    "FrameOfReferenceUID", "PatientID", "Modality", "SeriesNumber", "SeriesDescription", "Rows", "Columns",
+    *ALLOWED_KEYWORDS,
+)))
+
+
+def _slim(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """A copy of ``SLIM_KEYWORDS`` and the transfer syntax, values left as read (a damaged one
+    raises only where it is used)."""
+    out = pydicom.Dataset()
+    for tag in _slim_tags():
+        if tag in ds._dict:  # noqa: SLF001
+            out._dict[tag] = ds._dict[tag]  # noqa: SLF001 - the element as read, unconverted
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        out.file_meta = pydicom.dataset.FileMetaDataset()
+        for tag in (0x00020002, 0x00020010):  # MediaStorageSOPClassUID, TransferSyntaxUID
+            if tag in meta._dict:  # noqa: SLF001
+                out.file_meta._dict[tag] = meta._dict[tag]  # noqa: SLF001
+    return out
+
+
+@cache
+def _slim_tags() -> tuple[int, ...]:
+    return tuple(pydicom.datadict.tag_for_keyword(k) for k in SLIM_KEYWORDS)
 
 
 # The top-level values the reader uses, converted as the header is read: pydicom converts a value on
@@ -179,22 +245,50 @@ def _damage(ds: pydicom.Dataset) -> str:
     return ""
 
 
-def read_headers(paths: Sequence[Path], *, workers: int = 4) -> tuple[list[DicomFile], list[tuple[Path, str]]]:
-    """Headers of ``paths``: (DICOM files, (path, reason) for the others).
+def read_headers(
+    paths: Sequence[Path], *, workers: int = 4, pool: Pool | None = None
+) -> tuple[list[DicomFile], list[tuple[Path, str]]]:
+    """Headers of ``paths``: (DICOM files, (path, reason) for the others), in the order of ``paths``.
 
-    Parsing is pure Python and holds the GIL, so it runs in this one thread. Measured on the test
-    data (about 770 files, warm cache, 2 cores): one thread 2.1 to 2.5 s; four parsing threads
-    2.6 s; four threads reading the files ahead of one parser 2.9 to 3.3 s; a process pool
-    spends 2 s pickling the parsed headers and 2 s unpickling them. ``workers`` is kept for the API."""
+    Parsing is pure Python and holds the GIL, so threads do not help (four were measured slower
+    than one). Worker processes do: given a ``pool`` (``process_pool``), the files are parsed
+    there, and each worker sends back only the small ``DicomFile``s. ``workers`` is kept for the API."""
     del workers
     found: list[DicomFile] = []
     skipped: list[tuple[Path, str]] = []
-    for result in _progress(map(_read_header, paths), len(paths), "reading DICOM headers"):
+    results: Iterable[DicomFile | tuple[Path, str]] = map(_read_file, paths)
+    if pool is not None and len(paths) >= PARALLEL_MIN_FILES:
+        size = max(8, min(64, len(paths) // (pool._processes * 4) or 1))  # noqa: SLF001
+        chunks = [paths[i:i + size] for i in range(0, len(paths), size)]
+        results = (r for chunk in pool.imap(_read_chunk, chunks) for r in chunk)
+    for result in _progress(results, len(paths), "reading DICOM headers"):
         if isinstance(result, DicomFile):
             found.append(result)
         else:
             skipped.append(result)
     return found, skipped
+
+
+PARALLEL_MIN_FILES = 100  # below this, starting processes costs more than they save
+
+
+@contextmanager
+def process_pool(n_files: int, workers: int) -> Iterator[Pool | None]:
+    """Up to ``workers`` forked worker processes (no more than the CPUs) for a tree of ``n_files``
+    files, or None: where they would not pay (few files, one worker), and where forking is not
+    safe (not Linux, or threads already run in this process). Forked workers start at once with
+    medseg imported; spawned ones would import it again and re-run a caller's unguarded script."""
+    processes = min(workers, os.cpu_count() or 1)
+    safe = sys.platform.startswith("linux") and threading.active_count() == 1
+    if processes < 2 or n_files < PARALLEL_MIN_FILES or not safe:
+        yield None
+        return
+    with mp.get_context("fork").Pool(processes) as pool:
+        yield pool
+
+
+def _read_chunk(paths: Sequence[Path]) -> list[DicomFile | tuple[Path, str]]:
+    return [_read_file(p) for p in paths]
 
 
 def _progress(items: Iterable, total: int, what: str) -> Iterable:
@@ -269,22 +363,19 @@ def _add_groups(
 ) -> None:
     frames: list[Frame] = []
     for member in members:
-        try:
-            frames.extend(frames_of(member.header, member.path))
-        except DicomSeriesError as err:
-            refused.append((str(member.path), str(err)))
-        except (ValueError, TypeError, NotImplementedError, BytesLengthException) as err:
-            # a damaged value in a sequence (multi-frame groups), which pydicom converts on first use
-            refused.append((str(member.path), f"{member.path}: unreadable DICOM header ({type(err).__name__}: {err})"))
+        if member.frame_error:
+            refused.append((str(member.path), member.frame_error))
+        frames.extend(member.frames)
     if not frames:
         return
     folder = Path(os.path.commonpath([str(m.path.parent) for m in members]))
     parts = _split(frames)
-    first_header = {m.path: m.header for m in members}
+    by_path = {m.path: m for m in members}
     for index, (part_frames, reason) in enumerate(parts, start=1):
+        located = {f.path: by_path[f.path].pixels for f in part_frames if by_path[f.path].pixels is not None}
         groups.append(
-            SeriesGroup(uid, index, len(parts), reason, part_frames, first_header[part_frames[0].path], folder, copy,
-                        datasets={f.path: first_header[f.path] for f in part_frames})
+            SeriesGroup(uid, index, len(parts), reason, part_frames, by_path[part_frames[0].path].header, folder,
+                        copy, pixels=located)
         )
 
 
@@ -313,9 +404,9 @@ def _series_number(group: SeriesGroup) -> int:
         return 0
 
 
-def scan(root: Path | Sequence[Path], *, workers: int = 4) -> ScanResult:
+def scan(root: Path | Sequence[Path], *, workers: int = 4, pool: Pool | None = None) -> ScanResult:
     """Read every header under ``root`` (a folder, or a list of files) and sort the files into
-    series, labels and ignored files."""
+    series, labels and ignored files. ``pool``: worker processes to parse in (``process_pool``)."""
     if isinstance(root, str | Path):
         root = Path(root)
         if not root.exists():
@@ -327,7 +418,7 @@ def scan(root: Path | Sequence[Path], *, workers: int = 4) -> ScanResult:
         if missing:
             raise DicomSeriesError(f"{missing[0]}: expected a DICOM file, found nothing there")
         root = Path(os.path.commonpath([str(p.parent) for p in paths])) if paths else Path(".")
-    files, skipped = read_headers(paths, workers=workers)
+    files, skipped = read_headers(paths, workers=workers, pool=pool)
     files, copies = _drop_copies(files)
     result = ScanResult(root)
     result.ignored.extend(copies)

@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
+from multiprocessing.pool import Pool
 from pathlib import Path
 
 import numpy as np
 
 from medseg.config import IngestConfig
 from medseg.dicom import scan
-from medseg.dicom.scan import DicomFile, SeriesGroup
+from medseg.dicom.scan import DicomFile, SeriesGroup, list_files, process_pool
 from medseg.dicom.sidecar import sidecar
 from medseg.dicom.volume import SeriesVolume, build_volume
 from medseg.errors import DataError
@@ -39,13 +40,9 @@ def _case_id(group: SeriesGroup, config: IngestConfig) -> str:
 
 
 def _labels_by_series(objects: list[DicomFile]) -> dict[str, list[DicomFile]]:
-    if not objects:
-        return {}
-    from medseg.dicom.labels import referenced_series_uid
-
     out: dict[str, list[DicomFile]] = {}
     for obj in objects:
-        uid = referenced_series_uid(obj.header)
+        uid = obj.references
         if uid:
             out.setdefault(uid, []).append(obj)
         else:
@@ -72,9 +69,8 @@ def _convert(
 ) -> tuple[CaseRecord, dict[int, str] | None]:
     volume = build_volume(
         group.frames, group.name, tolerance_mm=config.slice_tolerance_mm, min_slices=config.min_slices,
-        resample_tilt=config.resample_tilt, workers=workers, datasets=group.datasets,
+        resample_tilt=config.resample_tilt, workers=workers, locations=group.pixels,
     )
-    group.datasets.clear()  # the parsed files now hold their pixel data: let them go
     data = volume.data
     channels = data.shape[3] if data.ndim == 4 else 1
     label = None
@@ -103,12 +99,19 @@ def ingest_dicom(root: Path, out_dir: Path, config: IngestConfig | None = None, 
     """Convert every series under ``root`` into ``out_dir``; write the manifest and ``report.json``."""
     config = config or IngestConfig()
     out_dir = Path(out_dir)
-    found = scan(root, workers=workers)
+    n_files = len(list_files(root)) if Path(root).exists() else 0
+    with process_pool(n_files, workers) as pool:
+        return _ingest(root, out_dir, config, workers, pool)
+
+
+def _ingest(root: Path, out_dir: Path, config: IngestConfig, workers: int, pool: Pool | None) -> IngestResult:
+    found = scan(root, workers=workers, pool=pool)
     labels_of = _labels_by_series(found.labels)
     names = config.labels
     records: list[CaseRecord] = []
     failed: list[FailedCase] = []
     seen: dict[str, int] = {}
+    jobs: list[tuple[SeriesGroup, str]] = []
     for group in found.series:
         case_id = _case_id(group, config)
         seen[case_id] = seen.get(case_id, 0) + 1
@@ -121,10 +124,22 @@ def ingest_dicom(root: Path, out_dir: Path, config: IngestConfig | None = None, 
             log.error("series left out: %s", error)
             failed.append(FailedCase(case_id=case_id, file=str(group.folder), error=error))
             continue
+        jobs.append((group, case_id))
+    # Series without labels are converted in the worker processes, as they come; series with
+    # labels here, in order, so that the first one's label names serve all (when none are set).
+    pending = {
+        i: pool.apply_async(_convert, (group, case_id, out_dir, config, [], None, 1))
+        for i, (group, case_id) in enumerate(jobs)
+        if pool is not None and not labels_of.get(group.series_uid)
+    }
+    for i, (group, case_id) in enumerate(jobs):
         try:
-            record, label_names = _convert(
-                group, case_id, out_dir, config, labels_of.get(group.series_uid, []), names, workers
-            )
+            if i in pending:
+                record, label_names = pending[i].get()
+            else:
+                record, label_names = _convert(
+                    group, case_id, out_dir, config, labels_of.get(group.series_uid, []), names, workers
+                )
         except DataError as err:
             log.error("series left out: %s", err)
             failed.append(FailedCase(case_id=case_id, file=str(group.folder), error=str(err)))

@@ -194,3 +194,40 @@ def test_a_damaged_sidecar_value_is_left_out_with_a_warning(tmp_path: Path, capl
     side = json.loads((root / manifest.cases[0].image.replace(".nii.gz", ".json")).read_text())
     assert "KVP" not in side and side["Modality"] == "CT"
     assert any("left KVP out of the sidecar" in r.getMessage() for r in caplog.records)
+
+
+def test_worker_processes_give_the_same_outputs_as_one_process(converted: dict, tmp_path: Path) -> None:
+    """The fixture's run parsed and converted in 2 worker processes (144 files); this one in one."""
+    from medseg.config import IngestConfig
+    from medseg.stages.ingest_dicom import ingest_dicom
+
+    serial = ingest_dicom(converted["root"], tmp_path / "serial", IngestConfig(), workers=1)
+    parallel_manifest = json.loads((converted["out"] / "manifest.json").read_text())
+    serial_manifest = json.loads(serial.manifest_path.read_text())
+    assert serial_manifest["cases"] == parallel_manifest["cases"]
+    assert serial_manifest["failed"] == parallel_manifest["failed"]
+    for case in serial_manifest["cases"]:
+        a = nib.load(str(tmp_path / "serial" / case["image"]))
+        b = nib.load(str(converted["out"] / case["image"]))
+        np.testing.assert_array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj))
+        np.testing.assert_array_equal(a.affine, b.affine)
+
+
+def test_plain_pixels_read_straight_equal_pydicom(shared_data: Path) -> None:
+    """Every file whose pixels the scan locates (read with numpy.fromfile) decodes as pydicom does."""
+    from medseg.dicom.volume import pixel_location
+
+    located = 0
+    for path in list_files(shared_data / D2N):
+        try:
+            ds = pydicom.dcmread(path, defer_size=16384)
+        except pydicom.errors.InvalidDicomError:
+            continue
+        location = pixel_location(ds)
+        if location is None:
+            continue
+        located += 1
+        expected = pydicom.dcmread(path).pixel_array
+        pixels = location.read(path)
+        assert pixels.dtype == expected.dtype and np.array_equal(pixels, expected), path
+    assert located >= 50

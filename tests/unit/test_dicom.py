@@ -254,3 +254,23 @@ def test_time_series_becomes_4d_in_acquisition_order(tmp_path: Path) -> None:
     np.testing.assert_array_equal(series.data[..., 0], expected + 2000)  # t = 1: stored + 1000, slope 2
     np.testing.assert_array_equal(series.data[..., 1], expected + 4000)
     np.testing.assert_allclose(series.affine, EXPECTED_AFFINE, rtol=0, atol=1e-9)
+
+
+def test_worker_processes_only_where_they_pay_and_forking_is_safe() -> None:
+    import threading
+
+    from medseg.dicom.scan import PARALLEL_MIN_FILES, process_pool
+
+    with process_pool(PARALLEL_MIN_FILES - 1, 4) as pool:
+        assert pool is None  # too few files
+    with process_pool(10 * PARALLEL_MIN_FILES, 1) as pool:
+        assert pool is None  # one worker asked for
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        with process_pool(10 * PARALLEL_MIN_FILES, 4) as pool:
+            assert pool is None  # a thread runs: forking could deadlock
+    finally:
+        stop.set()
+        thread.join()

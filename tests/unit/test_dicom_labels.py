@@ -99,7 +99,7 @@ def mock_ct(shared_data: Path) -> SeriesVolume:
 def test_referenced_series_uid_links_each_label_object_to_its_series(shared_data: Path) -> None:
     found = scan(shared_data / SEG)
     by_folder = {g.folder.relative_to(shared_data / SEG).as_posix(): g.series_uid for g in found.series}
-    linked = {f.path.relative_to(shared_data / SEG).as_posix(): referenced_series_uid(f.header) for f in found.labels}
+    linked = {f.path.relative_to(shared_data / SEG).as_posix(): f.references for f in found.labels}
     assert linked == {
         "liver.dcm": by_folder["ct-3slice"],
         "partial_overlaps.dcm": by_folder["ct-3slice"],
@@ -109,7 +109,7 @@ def test_referenced_series_uid_links_each_label_object_to_its_series(shared_data
         "sparse-labelmap-ppv5.dcm": by_folder["24x38x3/image"],
     }
     rt = scan(shared_data / RT / "mock_data")
-    rt_links = {f.path.name: referenced_series_uid(f.header) for f in rt.labels}
+    rt_links = {f.path.name: f.references for f in rt.labels}
     assert rt_links == {
         "rt.dcm": rt.series[0].series_uid,
         "invalid_reference_rt.dcm": rt.series[0].series_uid,  # the right series, but images it does not hold
