@@ -129,6 +129,9 @@ def list_files(root: Path) -> list[Path]:
     return out
 
 
+NOT_DICOM = "not a DICOM file"
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")  # names that say a file is DICOM (.ima: Siemens)
+
 # Values this large (pixel data, vendor blobs) are skipped when the header is read.
 DEFER_SIZE = 16384
 
@@ -138,7 +141,11 @@ def _read_file(path: Path) -> DicomFile | tuple[Path, str]:
     try:
         ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
     except InvalidDicomError:
-        return path, "not a DICOM file"
+        if path.suffix.lower() in DICOM_SUFFIXES:  # named as DICOM: a damaged one, maybe a slice of a series
+            size = path.stat().st_size if path.is_file() else 0
+            return path, (f"expected a DICOM file (its name ends in {path.suffix}), found {size} bytes without "
+                          "a DICOM header (empty, cut short, or without the DICOM preamble)")
+        return path, NOT_DICOM
     except Exception as err:  # pydicom raises a wide range on damaged files; keep the scan going
         return path, f"unreadable DICOM header ({type(err).__name__}: {err})"
     try:  # pydicom converts a value on first use, and raises there if it is damaged
@@ -152,7 +159,11 @@ def _read_file(path: Path) -> DicomFile | tuple[Path, str]:
             _convert_used(ds)
         else:
             kind = "other"
-            if damage := _damage(ds):
+            damage = _damage(ds)
+            if not damage and not sop_class and path.suffix.lower() in DICOM_SUFFIXES:
+                damage = (f"expected a DICOM file (its name ends in {path.suffix}), found one without a DICOM "
+                          "header (no SOP class: cut short?)")
+            if damage:
                 return path, damage
     except Exception as err:  # BytesLengthException, ValueError, NotImplementedError (unknown VR), ...
         return path, f"unreadable DICOM header ({type(err).__name__}: {err})"
@@ -423,8 +434,8 @@ def scan(root: Path | Sequence[Path], *, workers: int = 4, pool: Pool | None = N
     result = ScanResult(root)
     result.ignored.extend(copies)
     # A damaged DICOM file (unreadable, truncated) is refused, not ignored: it may be a slice of a series.
-    result.ignored.extend(s for s in skipped if s[1] == "not a DICOM file")
-    damaged = [(str(p), f"{p}: {why}") for p, why in skipped if why != "not a DICOM file"]
+    result.ignored.extend(s for s in skipped if s[1] == NOT_DICOM)
+    damaged = [(str(p), f"{p}: {why}") for p, why in skipped if why != NOT_DICOM]
     for f in files:
         if f.kind in ("seg", "rtstruct"):
             result.labels.append(f)

@@ -235,24 +235,28 @@ CUTS: dict[str, Callable[[dict[str, int], int], int]] = {
     "in pixel data": lambda at, size: at["PixelData"] + 12 + 7,
     "last byte missing": lambda at, size: size - 1,
 }
-UNDETECTABLE = {"empty", "in preamble", "in magic", "in first file meta element"}
+# Cut before the file meta, a file holds no sign of being DICOM but its name.
+BEFORE_HEADER = {"empty", "in preamble", "in magic", "in first file meta element"}
 
 
 def _cut_cases() -> list:
     cases = []
-    for cut in CUTS:
-        for k, where in ((0, "first"), (2, "middle"), (4, "last")):
-            marks = ()
-            if cut in UNDETECTABLE and where != "middle":
-                marks = pytest.mark.xfail(strict=True, reason="an end slice cut before its file meta is undetectable")
-            cases.append(pytest.param(cut, k, id=f"{cut}-{where} slice", marks=marks))
+    for suffix in (".dcm", ""):
+        for cut in CUTS:
+            for k, where in ((0, "first"), (2, "middle"), (4, "last")):
+                marks = ()
+                if not suffix and cut in BEFORE_HEADER and where != "middle":
+                    marks = pytest.mark.xfail(
+                        strict=True, reason="an end slice cut before its header, in a file not named .dcm, is undetectable"
+                    )
+                cases.append(pytest.param(cut, k, suffix, id=f"{cut}-{where} slice{suffix or '-no suffix'}", marks=marks))
     return cases
 
 
-@pytest.mark.parametrize(("cut", "k"), _cut_cases())
-def test_truncated_file_is_named_or_the_volume_is_exact(tmp_path: Path, cut: str, k: int) -> None:
+@pytest.mark.parametrize(("cut", "k", "suffix"), _cut_cases())
+def test_truncated_file_is_named_or_the_volume_is_exact(tmp_path: Path, cut: str, k: int, suffix: str) -> None:
     folder = tmp_path / "s"
-    files = _write_series(folder)
+    files = _write_series(folder, names=[f"IM{i:04d}{suffix}" for i in (3, 0, 4, 1, 2)])
     raw = files[k].read_bytes()
     offset = CUTS[cut](_element_offsets(raw), len(raw))
     assert 0 <= offset < len(raw)
@@ -260,13 +264,15 @@ def test_truncated_file_is_named_or_the_volume_is_exact(tmp_path: Path, cut: str
 
     ignored, refused = _scan_lists(folder)
     assert not (files[k] in ignored and files[k] in refused)
+    if suffix and cut in BEFORE_HEADER:  # named .dcm, so a damaged DICOM file, not an unknown one
+        assert files[k] in refused and "without a DICOM header" in refused[files[k]]
     result = _read(folder)
     if isinstance(result, SeriesVolume):
         _assert_exact(result)  # never a volume with a slice missing or wrong values
         return
     message = _assert_clear(result)
     if files[k] in ignored:  # not recognisable as DICOM: the series lacks a slice
-        assert cut in UNDETECTABLE and "missing slice" in message, message
+        assert cut in BEFORE_HEADER and not suffix and "missing slice" in message, message
     else:  # refused by scan, or kept in the series and refused when its pixel data is decoded
         assert str(files[k]) in message
         if files[k] not in refused:
@@ -303,7 +309,12 @@ def test_a_folder_of_random_bytes_only_is_refused(tmp_path: Path) -> None:
     rng = np.random.default_rng(7)
     for i in range(4):
         (tmp_path / f"f{i}.dcm").write_bytes(b"\0" * 128 + b"DICM" + rng.integers(0, 256, 500, dtype=np.uint8).tobytes())
-    assert len(scan(tmp_path).ignored) == 4
+        (tmp_path / f"g{i}").write_bytes(b"\0" * 128 + b"DICM" + rng.integers(0, 256, 500, dtype=np.uint8).tobytes())
+    found = scan(tmp_path)
+    # Named .dcm: damaged DICOM files, refused; not named so: files of unknown kind, ignored.
+    assert sorted(Path(p).name for p, _ in found.refused) == ["f0.dcm", "f1.dcm", "f2.dcm", "f3.dcm"]
+    assert all("expected a DICOM file (its name ends in .dcm)" in why for _, why in found.refused)
+    assert sorted(Path(p).name for p, _ in found.ignored) == ["g0", "g1", "g2", "g3"]
     with pytest.raises(DicomSeriesError) as info:
         read_series(tmp_path)
     _assert_clear(info.value, tmp_path, "found none")
@@ -641,7 +652,7 @@ def _mutate(path: Path, rng: np.random.Generator) -> str:
         path.write_bytes(bytes(raw))
         return f"flip {path.name}"
     if kind == "truncate":
-        cut = int(rng.integers(RECOGNISABLE_FROM, len(raw)))  # before: see UNDETECTABLE
+        cut = int(rng.integers(RECOGNISABLE_FROM, len(raw)))  # before: see BEFORE_HEADER
         path.write_bytes(bytes(raw[:cut]))
         return f"truncate {path.name} at {cut}"
     tag = DROPPABLE[int(rng.integers(len(DROPPABLE)))]
