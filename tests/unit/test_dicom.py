@@ -7,6 +7,7 @@ test_dicom_reference.py.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -274,3 +275,61 @@ def test_worker_processes_only_where_they_pay_and_forking_is_safe() -> None:
     finally:
         stop.set()
         thread.join()
+
+
+def _smooth_slice(k: int, rows: int = 16, cols: int = 24) -> np.ndarray:
+    """A smooth 8-bit ramp (what lossy JPEG keeps well), different on every slice."""
+    r, c = np.indices((rows, cols))
+    return (40 + 4 * r + 3 * c + 10 * k).astype(np.uint16)
+
+
+def _series_in_syntax(folder: Path, edit_for: Callable[[int], Callable[[pydicom.Dataset], None]]) -> None:
+    series_uid, study_uid = generate_uid(), generate_uid()
+    folder.mkdir(parents=True)
+    for k in range(3):
+        write_ct_slice(folder / f"IM{k}.dcm", _smooth_slice(k), position=(-20.0, 30.0, 2.5 * k), series_uid=series_uid,
+                       study_uid=study_uid, instance=k + 1, edit=edit_for(k))
+
+
+def test_jpeg_baseline_series_is_read_within_its_loss(tmp_path: Path) -> None:
+    """JPEG baseline (lossy, 8-bit) is not in the test data: encode one with Pillow, decode with medseg."""
+    import io
+
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    def to_jpeg(k: int) -> Callable[[pydicom.Dataset], None]:
+        def edit(ds: pydicom.Dataset) -> None:
+            buffer = io.BytesIO()
+            Image.fromarray(_smooth_slice(k).astype(np.uint8), mode="L").save(buffer, format="JPEG", quality=95)
+            ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+            ds.PixelData = encapsulate([buffer.getvalue()])
+            ds["PixelData"].VR = "OB"
+            ds.LossyImageCompression = "01"
+
+        return edit
+
+    _series_in_syntax(tmp_path / "s", to_jpeg)
+    volume = read_series(tmp_path / "s")
+    expected = np.stack([_smooth_slice(k).T for k in range(3)], axis=-1).astype(np.int64)
+    assert volume.data.shape == (24, 16, 3) and volume.data.dtype == np.uint8
+    assert np.abs(volume.data.astype(np.int64) - expected).max() <= 3  # JPEG at quality 95 on a smooth ramp
+    np.testing.assert_allclose(volume.affine[:3, 3], [20.0, -30.0, 0.0])
+
+
+def test_deflated_series_is_read_exactly(tmp_path: Path) -> None:
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    def deflate(k: int) -> Callable[[pydicom.Dataset], None]:
+        def edit(ds: pydicom.Dataset) -> None:
+            ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+
+        return edit
+
+    _series_in_syntax(tmp_path / "s", deflate)
+    raw = (tmp_path / "s/IM0.dcm").read_bytes()
+    assert _smooth_slice(0).tobytes() not in raw  # the data set is really deflated
+    volume = read_series(tmp_path / "s")
+    np.testing.assert_array_equal(volume.data, np.stack([_smooth_slice(k).T for k in range(3)], axis=-1))
