@@ -141,11 +141,13 @@ def _read_file(path: Path) -> DicomFile | tuple[Path, str]:
     try:
         ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
     except InvalidDicomError:
-        if path.suffix.lower() in DICOM_SUFFIXES:  # named as DICOM: a damaged one, maybe a slice of a series
+        ds = read_without_preamble(path)
+        if ds is None and path.suffix.lower() in DICOM_SUFFIXES:  # named as DICOM: damaged, maybe a slice
             size = path.stat().st_size if path.is_file() else 0
             return path, (f"expected a DICOM file (its name ends in {path.suffix}), found {size} bytes without "
-                          "a DICOM header (empty, cut short, or without the DICOM preamble)")
-        return path, NOT_DICOM
+                          "a DICOM header (empty or cut short)")
+        if ds is None:
+            return path, NOT_DICOM
     except Exception as err:  # pydicom raises a wide range on damaged files; keep the scan going
         return path, f"unreadable DICOM header ({type(err).__name__}: {err})"
     try:  # pydicom converts a value on first use, and raises there if it is damaged
@@ -168,6 +170,28 @@ def _read_file(path: Path) -> DicomFile | tuple[Path, str]:
     except Exception as err:  # BytesLengthException, ValueError, NotImplementedError (unknown VR), ...
         return path, f"unreadable DICOM header ({type(err).__name__}: {err})"
     return _summary(path, ds, kind)
+
+
+def read_without_preamble(path: Path, **options: object) -> pydicom.Dataset | None:
+    """A DICOM data set stored without the Part 10 preamble and file meta (older archives, which
+    dcm2niix reads too), or None. Only a file that starts with a group 0008 element and names a SOP
+    class and a series counts; its transfer syntax (little endian, implicit or explicit VR) is
+    the one pydicom finds, recorded in a file meta made for it."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(2) != b"\x08\x00":
+                return None
+        ds = pydicom.dcmread(path, force=True, defer_size=options.get("defer_size", DEFER_SIZE))
+        if not (ds.get("SOPClassUID") and ds.get("SeriesInstanceUID")):
+            return None
+    except Exception:  # not a data set after all
+        return None
+    implicit, little = ds.original_encoding
+    if not little:
+        return None
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian if implicit else pydicom.uid.ExplicitVRLittleEndian
+    return ds
 
 
 def _summary(path: Path, ds: pydicom.Dataset, kind: ObjectKind) -> DicomFile:

@@ -171,7 +171,7 @@ def _load_pixels(path: Path, location: PixelLocation | None = None) -> np.ndarra
     try:
         if location is not None:
             return location.read(path)
-        ds = pydicom.dcmread(path)
+        ds = _read_full(path)
         pixels = ds.pixel_array
         if "PixelData" in ds and not ds.file_meta.TransferSyntaxUID.is_encapsulated:
             # pydicom drops native pixel data beyond what Rows x Columns hold: then one of them is wrong
@@ -186,6 +186,19 @@ def _load_pixels(path: Path, location: PixelLocation | None = None) -> np.ndarra
             pass
         raise DicomSeriesError(f"{path}: cannot decode pixel data{syntax}: {err}") from None
     return np.asarray(pixels)
+
+
+def _read_full(path: Path) -> pydicom.Dataset:
+    """The whole data set of ``path``, also where it lacks the Part 10 preamble (see ``scan``)."""
+    try:
+        return pydicom.dcmread(path)
+    except pydicom.errors.InvalidDicomError:
+        from medseg.dicom.scan import read_without_preamble  # scan imports this module
+
+        ds = read_without_preamble(path, defer_size=None)
+        if ds is None:
+            raise
+        return ds
 
 
 NATIVE_LITTLE_ENDIAN = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # Implicit and Explicit VR Little Endian

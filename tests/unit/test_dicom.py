@@ -333,3 +333,29 @@ def test_deflated_series_is_read_exactly(tmp_path: Path) -> None:
     assert _smooth_slice(0).tobytes() not in raw  # the data set is really deflated
     volume = read_series(tmp_path / "s")
     np.testing.assert_array_equal(volume.data, np.stack([_smooth_slice(k).T for k in range(3)], axis=-1))
+
+
+@pytest.mark.parametrize("implicit", [True, False], ids=["implicit VR", "explicit VR"])
+def test_series_without_preamble_and_file_meta_is_read_exactly(tmp_path: Path, implicit: bool) -> None:
+    """Older archives store the bare data set (no 128-byte preamble, no DICM, no file meta)."""
+
+    def bare(k: int) -> Callable[[pydicom.Dataset], None]:
+        def edit(ds: pydicom.Dataset) -> None:
+            bare_set = pydicom.Dataset(ds)  # the elements alone: no preamble, no file meta
+            bare_set.save_as(tmp_path / f"bare{k}", implicit_vr=implicit, little_endian=True, enforce_file_format=False)
+
+        return edit
+
+    _series_in_syntax(tmp_path / "part10", bare)  # writes part10/IM<k>.dcm and, bare, bare<k>
+    folder = tmp_path / "bare"
+    folder.mkdir()
+    for k in range(3):
+        (tmp_path / f"bare{k}").rename(folder / f"IM{k}")
+        assert (folder / f"IM{k}").read_bytes()[:4] == b"\x08\x00\x16\x00"  # starts with (0008,0016) SOPClassUID
+    volume = read_series(folder)
+    np.testing.assert_array_equal(volume.data, np.stack([_smooth_slice(k).T for k in range(3)], axis=-1))
+    np.testing.assert_allclose(volume.affine, read_series(tmp_path / "part10").affine)
+    # Decoded by pydicom too (the path for encodings the scan does not read straight).
+    from medseg.dicom.volume import _load_pixels
+
+    np.testing.assert_array_equal(_load_pixels(folder / "IM1"), _smooth_slice(1))
