@@ -17,6 +17,7 @@ frames. Only what highdicom copies from the source for a derived object of the s
 from __future__ import annotations
 
 import logging
+import re
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -80,6 +81,7 @@ def write_seg(
         _segment_description(n, names[value], algorithm, version) for n, value in enumerate(values, start=1)
     ]
     seg = _build_segmentation(sources, frames, descriptions, image, algorithm, version, description)
+    _repair_age(seg, image)
     with atomic_path(out_path) as tmp:
         seg.save_as(tmp, enforce_file_format=True)
     log.info(
@@ -360,6 +362,19 @@ def _build_segmentation(
             f"{image.name}: expected source images highdicom can derive a SEG from ({image.slice_files[0]}), "
             f"found: {err}"
         ) from None
+
+
+def _repair_age(seg: Dataset, image: SeriesVolume) -> None:
+    """PatientAge, copied from the source, in the form its VR (AS) requires: three digits and D, W,
+    M or Y. A short number is padded ("0Y" -> "000Y"); anything else is left out, with a warning."""
+    age = str(seg.get("PatientAge") or "")
+    if not age or re.fullmatch(r"\d{3}[DWMY]", age):
+        return
+    if re.fullmatch(r"\d{1,2}[DWMY]", age):
+        seg.PatientAge = age[:-1].zfill(3) + age[-1]
+    else:
+        log.warning("%s: left the source's PatientAge out of the SEG: not an age string (nnnD/W/M/Y)", image.name)
+        del seg.PatientAge
 
 
 def _character_set(source: Dataset) -> str | list[str] | None:

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
+import shutil
+import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import highdicom as hd
 import numpy as np
@@ -297,3 +301,36 @@ def test_seg_file_is_valid(shared_data: Path, tmp_path: Path) -> None:
     assert seg.segment_numbers == [1, 2]
     assert [seg.get_segment_description(n).segment_label for n in (1, 2)] == ["body", "bone"]
     assert seg.get_segment_description(1).algorithm_type == hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
+
+
+# ---------------------------------------------------------------- conformance (dciodvfy)
+
+DCIODVFY = shutil.which("dciodvfy")
+
+
+@pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy (Debian package dicom3tools) is not installed")
+@pytest.mark.parametrize("rel", [CT_3SLICE, GE_SAGITTAL, *MULTIFRAME], ids=lambda p: "/".join(p.parts[2:4]))
+def test_seg_passes_dciodvfy(shared_data: Path, tmp_path: Path, rel: Path) -> None:
+    """David Clunie's DICOM validator finds no error in the SEG (warnings about the source's own
+    values, such as a one-part PatientName, are the source's)."""
+    image = read_series(shared_data / rel)
+    labels = (image.data > np.percentile(image.data, 70)).astype(np.uint8)
+    out = write_seg(labels, image, tmp_path / "seg.dcm", names={1: "bright"})
+    report = subprocess.run([DCIODVFY, str(out)], capture_output=True, text=True, timeout=60)
+    lines = (report.stdout + report.stderr).splitlines()
+    assert "Segmentation" in lines  # the IOD it recognised
+    assert [line for line in lines if line.startswith("Error")] == []
+
+
+def test_patient_age_copied_from_the_source_is_repaired_or_left_out() -> None:
+    from medseg.dicom.segwrite import _repair_age
+
+    image = SimpleNamespace(name="series 1")
+    for given, kept in [("0Y", "000Y"), ("45Y", "045Y"), ("006M", "006M"), ("", None), ("forty", None)]:
+        ds = pydicom.Dataset()
+        if given:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # pydicom warns of the invalid ages we set
+                ds.PatientAge = given
+        _repair_age(ds, image)
+        assert ds.get("PatientAge") == kept, given
