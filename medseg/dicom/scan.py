@@ -228,14 +228,14 @@ def _slim(ds: pydicom.Dataset) -> pydicom.Dataset:
     raises only where it is used)."""
     out = pydicom.Dataset()
     for tag in _slim_tags():
-        if tag in ds._dict:  # noqa: SLF001
-            out._dict[tag] = ds._dict[tag]  # noqa: SLF001 - the element as read, unconverted
+        if tag in ds:
+            out[tag] = ds.get_item(tag, keep_deferred=True)  # the element as it is, converted or not
     meta = getattr(ds, "file_meta", None)
     if meta is not None:
         out.file_meta = pydicom.dataset.FileMetaDataset()
         for tag in (0x00020002, 0x00020010):  # MediaStorageSOPClassUID, TransferSyntaxUID
-            if tag in meta._dict:  # noqa: SLF001
-                out.file_meta._dict[tag] = meta._dict[tag]  # noqa: SLF001
+            if tag in meta:
+                out.file_meta[tag] = meta.get_item(tag, keep_deferred=True)
     return out
 
 
@@ -293,7 +293,7 @@ def read_headers(
     skipped: list[tuple[Path, str]] = []
     results: Iterable[DicomFile | tuple[Path, str]] = map(_read_file, paths)
     if pool is not None and len(paths) >= PARALLEL_MIN_FILES:
-        size = max(8, min(64, len(paths) // (pool._processes * 4) or 1))  # noqa: SLF001
+        size = max(8, min(64, len(paths) // 32))  # chunks: few enough to be cheap, many enough to share out
         chunks = [paths[i:i + size] for i in range(0, len(paths), size)]
         results = (r for chunk in pool.imap(_read_chunk, chunks) for r in chunk)
     for result in _progress(results, len(paths), "reading DICOM headers"):
