@@ -1,6 +1,7 @@
 """ingest for a DICOM folder of any structure: every series becomes one case.
 
-The folder is scanned once (headers only, in parallel). Each series is stacked into a volume
+The folder is scanned once (each file parsed once, in worker processes for a large tree; see
+``medseg.dicom.scan``). Each series is stacked into a volume
 (refused with a message naming the series and its problem when it cannot be one) and written
 as ``images/<case>.nii.gz`` in its own data type, with a de-identified sidecar
 ``images/<case>.json``. DICOM-SEG and RTSTRUCT objects become ``labels/<case>.nii.gz`` of the
