@@ -126,18 +126,15 @@ def records_medseg(src: Path, out: Path, data: Path) -> tuple[list[dict], list[d
 
 def scan_sources(src: Path) -> dict[str, list[str]]:
     """case id -> DICOM files, from medseg's scan, numbered as medseg ingest numbers repeated ids."""
-    try:
-        from medseg.dicom import scan
-        seen: dict[str, int] = {}
-        out = {}
-        for group in scan(src).series:
-            seen[group.case_id] = seen.get(group.case_id, 0) + 1
-            case_id = group.case_id if seen[group.case_id] == 1 else f"{group.case_id}_{seen[group.case_id]}"
-            out[case_id] = sorted(str(f.path) for f in group.frames)
-        return out
-    except Exception as err:  # medseg's API moved: match those cases by series number and shape
-        print(f"medseg.dicom.scan failed ({type(err).__name__}: {err}); matching by series number", file=sys.stderr)
-        return {}
+    from medseg.dicom import scan
+
+    seen: dict[str, int] = {}
+    out = {}
+    for group in scan(src).series:
+        seen[group.case_id] = seen.get(group.case_id, 0) + 1
+        case_id = group.case_id if seen[group.case_id] == 1 else f"{group.case_id}_{seen[group.case_id]}"
+        out[case_id] = sorted(str(f.path) for f in group.frames)
+    return out
 
 
 def records_dcm2niix(argv: list[str], out: Path, data: Path, env: dict[str, str]) -> tuple[list[dict], list[dict]]:

@@ -28,7 +28,7 @@ def read_series(
     workers: int = 4,
 ) -> SeriesVolume:
     """The one image series under ``folder`` (or in a list of files) as a volume; refuse none or several."""
-    found = scan(folder, workers=workers)
+    found = scan(folder)
     folder = found.root
     if not found.series:
         detail = f"; refused: {found.refused[0][1]}" if found.refused else ""

@@ -45,7 +45,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from medseg.dicom.scan import RTSTRUCT_STORAGE, SEG_STORAGE
+from medseg.dicom.scan import RTSTRUCT_STORAGE, SEG_STORAGE, sop_class_uid
 from medseg.dicom.volume import LPS_TO_RAS, SeriesVolume
 from medseg.errors import ConfigError, DicomLabelError
 
@@ -83,11 +83,6 @@ class _ImageRefs:
 # --- references -----------------------------------------------------------------------------------
 
 
-def _sop_class(ds: pydicom.Dataset) -> str:
-    meta = getattr(ds, "file_meta", None)
-    return str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
-
-
 def _rt_referenced_series(header: pydicom.Dataset) -> list[pydicom.Dataset]:
     """The RTReferencedSeriesSequence items of a structure set, across frames of reference and studies."""
     return [
@@ -105,7 +100,7 @@ def referenced_series_uid(header: pydicom.Dataset) -> str | None:
     RTReferencedStudySequence -> RTReferencedSeriesSequence. Where several series are named,
     the first is returned (and the others logged).
     """
-    sop_class = _sop_class(header)
+    sop_class = sop_class_uid(header)
     if sop_class in SEG_STORAGE:
         items = list(header.get("ReferencedSeriesSequence", []))
     elif sop_class == RTSTRUCT_STORAGE:
@@ -279,7 +274,7 @@ def _read_dataset(path: Path, classes: Iterable[str], what: str) -> pydicom.Data
         raise DicomLabelError(
             f"{path}: expected a DICOM {what}, cannot read it ({type(err).__name__}: {err})"
         ) from None
-    found = _sop_class(ds)
+    found = sop_class_uid(ds)
     if found not in tuple(classes):
         raise DicomLabelError(f"{path}: expected a DICOM {what}, found SOP class {found or 'none'}")
     return ds
@@ -576,7 +571,7 @@ def read_labels(
         raise DicomLabelError(
             f"{path}: expected a DICOM SEG or RTSTRUCT, cannot read it ({type(err).__name__}: {err})"
         ) from None
-    sop_class = _sop_class(header)
+    sop_class = sop_class_uid(header)
     if sop_class in SEG_STORAGE:
         return read_seg(path, image, label_map, tolerance_mm=tolerance_mm)
     if sop_class == RTSTRUCT_STORAGE:

@@ -20,11 +20,11 @@ import multiprocessing as mp
 import os
 import sys
 import threading
-from functools import cache
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from multiprocessing.pool import Pool
 from dataclasses import dataclass, field
+from functools import cache
+from multiprocessing.pool import Pool
 from pathlib import Path
 from typing import Literal
 
@@ -34,7 +34,7 @@ from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from medseg.dicom.frames import Frame, frames_of
 from medseg.dicom.sidecar import ALLOWED_KEYWORDS
-from medseg.dicom.volume import PixelLocation, pixel_location
+from medseg.dicom.volume import PixelLocation, pixel_location, read_without_preamble
 from medseg.errors import DicomSeriesError
 
 log = logging.getLogger(__name__)
@@ -141,17 +141,13 @@ def _read_file(path: Path) -> DicomFile | tuple[Path, str]:
     try:
         ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
     except InvalidDicomError:
-        ds = read_without_preamble(path)
-        if ds is None and path.suffix.lower() in DICOM_SUFFIXES:  # named as DICOM: damaged, maybe a slice
-            size = path.stat().st_size if path.is_file() else 0
-            return path, (f"expected a DICOM file (its name ends in {path.suffix}), found {size} bytes without "
-                          "a DICOM header (empty or cut short)")
+        ds = read_without_preamble(path, defer_size=DEFER_SIZE)
         if ds is None:
-            return path, NOT_DICOM
+            return path, _named_dicom(path, "without a DICOM header (empty or cut short)") or NOT_DICOM
     except Exception as err:  # pydicom raises a wide range on damaged files; keep the scan going
         return path, f"unreadable DICOM header ({type(err).__name__}: {err})"
     try:  # pydicom converts a value on first use, and raises there if it is damaged
-        sop_class = str(ds.get("SOPClassUID", "") or getattr(ds.get("file_meta", None), "MediaStorageSOPClassUID", ""))
+        sop_class = sop_class_uid(ds)
         if sop_class in SEG_STORAGE:
             kind: ObjectKind = "seg"
         elif sop_class == RTSTRUCT_STORAGE:
@@ -162,9 +158,8 @@ def _read_file(path: Path) -> DicomFile | tuple[Path, str]:
         else:
             kind = "other"
             damage = _damage(ds)
-            if not damage and not sop_class and path.suffix.lower() in DICOM_SUFFIXES:
-                damage = (f"expected a DICOM file (its name ends in {path.suffix}), found one without a DICOM "
-                          "header (no SOP class: cut short?)")
+            if not damage and not sop_class:
+                damage = _named_dicom(path, "without a DICOM header (no SOP class: cut short?)")
             if damage:
                 return path, damage
     except Exception as err:  # BytesLengthException, ValueError, NotImplementedError (unknown VR), ...
@@ -172,26 +167,18 @@ def _read_file(path: Path) -> DicomFile | tuple[Path, str]:
     return _summary(path, ds, kind)
 
 
-def read_without_preamble(path: Path, **options: object) -> pydicom.Dataset | None:
-    """A DICOM data set stored without the Part 10 preamble and file meta (older archives, which
-    dcm2niix reads too), or None. Only a file that starts with a group 0008 element and names a SOP
-    class and a series counts; its transfer syntax (little endian, implicit or explicit VR) is
-    the one pydicom finds, recorded in a file meta made for it."""
-    try:
-        with open(path, "rb") as fh:
-            if fh.read(2) != b"\x08\x00":
-                return None
-        ds = pydicom.dcmread(path, force=True, defer_size=options.get("defer_size", DEFER_SIZE))
-        if not (ds.get("SOPClassUID") and ds.get("SeriesInstanceUID")):
-            return None
-    except Exception:  # not a data set after all
-        return None
-    implicit, little = ds.original_encoding
-    if not little:
-        return None
-    ds.file_meta = pydicom.dataset.FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian if implicit else pydicom.uid.ExplicitVRLittleEndian
-    return ds
+def sop_class_uid(ds: pydicom.Dataset) -> str:
+    """The SOP class of a data set, from SOPClassUID or else its file meta ('' if neither)."""
+    return str(ds.get("SOPClassUID", "") or getattr(ds.get("file_meta", None), "MediaStorageSOPClassUID", ""))
+
+
+def _named_dicom(path: Path, what: str) -> str:
+    """Why a file named as DICOM (``DICOM_SUFFIXES``) but unusable is a damaged DICOM file; '' for
+    other names, which are merely not DICOM."""
+    if path.suffix.lower() not in DICOM_SUFFIXES:
+        return ""
+    size = path.stat().st_size if path.is_file() else 0
+    return f"expected a DICOM file (its name ends in {path.suffix}), found {size} bytes {what}"
 
 
 def _summary(path: Path, ds: pydicom.Dataset, kind: ObjectKind) -> DicomFile:
@@ -206,7 +193,9 @@ def _summary(path: Path, ds: pydicom.Dataset, kind: ObjectKind) -> DicomFile:
         return DicomFile(path, _slim(ds), kind, frames, error, pixel_location(ds))
     references = None
     if kind in ("seg", "rtstruct"):
-        from medseg.dicom.labels import referenced_series_uid  # labels imports this module
+        from medseg.dicom.labels import (
+            referenced_series_uid,  # labels imports this module
+        )
 
         try:
             references = referenced_series_uid(ds)
@@ -281,14 +270,13 @@ def _damage(ds: pydicom.Dataset) -> str:
 
 
 def read_headers(
-    paths: Sequence[Path], *, workers: int = 4, pool: Pool | None = None
+    paths: Sequence[Path], *, pool: Pool | None = None
 ) -> tuple[list[DicomFile], list[tuple[Path, str]]]:
     """Headers of ``paths``: (DICOM files, (path, reason) for the others), in the order of ``paths``.
 
     Parsing is pure Python and holds the GIL, so threads do not help (four were measured slower
     than one). Worker processes do: given a ``pool`` (``process_pool``), the files are parsed
-    there, and each worker sends back only the small ``DicomFile``s. ``workers`` is kept for the API."""
-    del workers
+    there, and each worker sends back only the small ``DicomFile``s."""
     found: list[DicomFile] = []
     skipped: list[tuple[Path, str]] = []
     results: Iterable[DicomFile | tuple[Path, str]] = map(_read_file, paths)
@@ -439,22 +427,30 @@ def _series_number(group: SeriesGroup) -> int:
         return 0
 
 
-def scan(root: Path | Sequence[Path], *, workers: int = 4, pool: Pool | None = None) -> ScanResult:
+def files_under(root: Path) -> list[Path]:
+    """``list_files`` of a folder that must exist."""
+    if not Path(root).exists():
+        raise DicomSeriesError(f"{root}: expected a folder of DICOM files, found nothing there")
+    return list_files(Path(root))
+
+
+def scan(
+    root: Path | Sequence[Path], *, pool: Pool | None = None, listed: Sequence[Path] | None = None
+) -> ScanResult:
     """Read every header under ``root`` (a folder, or a list of files) and sort the files into
-    series, labels and ignored files. ``pool``: worker processes to parse in (``process_pool``)."""
+    series, labels and ignored files. ``pool``: worker processes to parse in (``process_pool``);
+    ``listed``: the ``files_under`` a folder ``root``, where the caller has listed them already."""
     if isinstance(root, str | Path):
         root = Path(root)
-        if not root.exists():
-            raise DicomSeriesError(f"{root}: expected a folder of DICOM files, found nothing there")
-        paths = list_files(root)
+        paths = list(listed) if listed is not None else files_under(root)
     else:
         paths = [Path(p) for p in root]
         missing = [p for p in paths if not p.is_file()]
         if missing:
             raise DicomSeriesError(f"{missing[0]}: expected a DICOM file, found nothing there")
         root = Path(os.path.commonpath([str(p.parent) for p in paths])) if paths else Path(".")
-    files, skipped = read_headers(paths, workers=workers, pool=pool)
-    files, copies = _drop_copies(files)
+    found, skipped = read_headers(paths, pool=pool)
+    files, copies = _drop_copies(found)
     result = ScanResult(root)
     result.ignored.extend(copies)
     # A damaged DICOM file (unreadable, truncated) is refused, not ignored: it may be a slice of a series.

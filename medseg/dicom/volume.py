@@ -189,19 +189,39 @@ def _load_pixels(path: Path, location: PixelLocation | None = None) -> np.ndarra
 
 
 def _read_full(path: Path) -> pydicom.Dataset:
-    """The whole data set of ``path``, also where it lacks the Part 10 preamble (see ``scan``)."""
+    """The whole data set of ``path``, also where it lacks the Part 10 preamble."""
     try:
         return pydicom.dcmread(path)
     except pydicom.errors.InvalidDicomError:
-        from medseg.dicom.scan import read_without_preamble  # scan imports this module
-
         ds = read_without_preamble(path, defer_size=None)
         if ds is None:
             raise
         return ds
 
 
-NATIVE_LITTLE_ENDIAN = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # Implicit and Explicit VR Little Endian
+def read_without_preamble(path: Path, *, defer_size: int | None) -> pydicom.Dataset | None:
+    """A DICOM data set stored without the Part 10 preamble and file meta (older archives, which
+    dcm2niix reads too), or None. Only a file that starts with a group 0008 element and names a SOP
+    class and a series counts; its transfer syntax (little endian, implicit or explicit VR) is
+    the one pydicom finds, recorded in a file meta made for it."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(2) != b"\x08\x00":
+                return None
+        ds = pydicom.dcmread(path, force=True, defer_size=defer_size)
+        if not (ds.get("SOPClassUID") and ds.get("SeriesInstanceUID")):
+            return None
+    except Exception:  # not a data set after all
+        return None
+    implicit, little = ds.original_encoding
+    if not little:
+        return None
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian if implicit else pydicom.uid.ExplicitVRLittleEndian
+    return ds
+
+
+NATIVE_LITTLE_ENDIAN = (pydicom.uid.ImplicitVRLittleEndian, pydicom.uid.ExplicitVRLittleEndian)
 PIXEL_DATA = 0x7FE00010
 
 

@@ -26,7 +26,14 @@ import numpy as np
 from medseg.config import IngestConfig
 from medseg.errors import DataError, GeometryMismatchError, LabelValueError
 from medseg.io import load_nifti, save_nifti, sha256
-from medseg.manifest import CaseRecord, FailedCase, IntensityStats, Manifest, SourceFile, save_manifest
+from medseg.manifest import (
+    CaseRecord,
+    FailedCase,
+    IntensityStats,
+    Manifest,
+    SourceFile,
+    save_manifest,
+)
 from medseg.sources import CaseSource, discover, is_dicom_root
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import numpy as np
 
 from medseg.config import IngestConfig
 from medseg.dicom import scan
-from medseg.dicom.scan import DicomFile, SeriesGroup, list_files, process_pool
+from medseg.dicom.scan import DicomFile, SeriesGroup, files_under, process_pool
 from medseg.dicom.sidecar import sidecar
 from medseg.dicom.volume import SeriesVolume, build_volume
 from medseg.errors import DataError
@@ -100,13 +100,15 @@ def ingest_dicom(root: Path, out_dir: Path, config: IngestConfig | None = None, 
     """Convert every series under ``root`` into ``out_dir``; write the manifest and ``report.json``."""
     config = config or IngestConfig()
     out_dir = Path(out_dir)
-    n_files = len(list_files(root)) if Path(root).exists() else 0
-    with process_pool(n_files, workers) as pool:
-        return _ingest(root, out_dir, config, workers, pool)
+    files = files_under(root)
+    with process_pool(len(files), workers) as pool:
+        return _ingest(root, files, out_dir, config, workers, pool)
 
 
-def _ingest(root: Path, out_dir: Path, config: IngestConfig, workers: int, pool: Pool | None) -> IngestResult:
-    found = scan(root, workers=workers, pool=pool)
+def _ingest(
+    root: Path, files: list[Path], out_dir: Path, config: IngestConfig, workers: int, pool: Pool | None
+) -> IngestResult:
+    found = scan(root, pool=pool, listed=files)
     labels_of = _labels_by_series(found.labels)
     names = config.labels
     records: list[CaseRecord] = []

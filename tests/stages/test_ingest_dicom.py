@@ -11,7 +11,6 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-
 from conftest import write_ct_slice
 
 from medseg.dicom.scan import list_files

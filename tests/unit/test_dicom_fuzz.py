@@ -170,7 +170,7 @@ def _read(folder: Path) -> SeriesVolume | DicomSeriesError:
 
 def _scan_lists(folder: Path) -> tuple[dict[Path, str], dict[Path, str]]:
     """scan(folder) must not raise: (ignored, refused) as {path: reason}."""
-    found = scan(folder, workers=1)
+    found = scan(folder)
     return {Path(p): why for p, why in found.ignored}, {Path(p): why for p, why in found.refused}
 
 
@@ -297,7 +297,7 @@ def test_random_bytes_beside_a_series_are_ignored(tmp_path: Path, size: int, mag
         junk.append(folder / f"IM{i:04d}_junk{i}")
         junk[-1].write_bytes(data)
 
-    found = scan(folder, workers=1)
+    found = scan(folder)
     assert len(found.series) == 1 and len(found.series[0].frames) == N_SLICES
     assert {Path(p) for p, _ in found.ignored} == set(junk)
     assert found.refused == []
@@ -672,7 +672,7 @@ def test_random_mutations_give_a_clear_error_or_the_exact_volume(tmp_path: Path)
         files = _write_series(folder, seed=i)
         victim = files[int(rng.integers(N_SLICES))]
         what = _mutate(victim, rng)
-        scan(folder, workers=1)  # never raises
+        scan(folder)  # never raises
         result = _read(folder)
         if isinstance(result, SeriesVolume):
             outcomes["volume"] += 1

@@ -23,7 +23,13 @@ from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, generate_uid
 
 from medseg.dicom import SeriesVolume, read_series, scan
-from medseg.dicom.labels import LabelVolume, read_labels, read_rtstruct, read_seg, referenced_series_uid
+from medseg.dicom.labels import (
+    LabelVolume,
+    read_labels,
+    read_rtstruct,
+    read_seg,
+    referenced_series_uid,
+)
 from medseg.dicom.scan import RTSTRUCT_STORAGE
 from medseg.errors import ConfigError, DataError, DicomLabelError
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import _shared_data
+
 from medseg.dicom import read_series
 
 DICOM = Path("dicom")

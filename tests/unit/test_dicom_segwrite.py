@@ -9,10 +9,10 @@ shared by the writer and highdicom's reader would still be caught.
 from __future__ import annotations
 
 import random
-import time
-import warnings
 import shutil
 import subprocess
+import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
