@@ -11,7 +11,7 @@ import tempfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import nibabel as nib
 import numpy as np
@@ -109,5 +109,24 @@ def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, header: nib.Nif
     img.set_data_dtype(np.asarray(data).dtype)
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
-    with atomic_path(Path(path)) as tmp:
-        nib.save(img, str(tmp))
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        if path.name.endswith(".gz"):
+            with open(tmp, "wb") as raw, _gzip_writer(raw) as fh:
+                img.to_file_map({"image": nib.fileholders.FileHolder(fileobj=fh)})
+        else:
+            nib.save(img, str(tmp))
+
+
+GZIP_LEVEL = 1  # the fastest level, as nibabel writes by default
+
+
+def _gzip_writer(raw: BinaryIO) -> gzip.GzipFile:
+    """A gzip stream onto ``raw``: ISA-L's (``isal``, the same format written 3 to 5 times faster
+    than zlib) where it is installed, else the standard library's. No file name and a zero time
+    in the gzip header, so the same image gives the same bytes."""
+    try:
+        from isal import igzip
+    except ImportError:  # a platform without isal wheels
+        return gzip.GzipFile(filename="", mode="wb", compresslevel=GZIP_LEVEL, fileobj=raw, mtime=0)
+    return igzip.IGzipFile(filename="", mode="wb", compresslevel=GZIP_LEVEL, fileobj=raw, mtime=0)

@@ -20,12 +20,20 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pydicom
 
 from medseg.errors import DicomSeriesError
+
+
+class Header(Protocol):
+    """What frames read of a header: a pydicom data set, or the fast reader's ``RawHeader``."""
+
+    def get(self, keyword: str, default: Any = None) -> Any: ...
+
+    def __contains__(self, keyword: str) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,7 @@ def _float(value: Any, default: float) -> float:
         return default
 
 
-def _number(ds: pydicom.Dataset, keyword: str, default: float, where: str) -> float:
+def _number(ds: Header, keyword: str, default: float, where: str) -> float:
     """The value of a numeric tag that maps stored values (``default`` if absent); refuse one that is no number."""
     value = ds.get(keyword)
     if value in (None, ""):
@@ -80,14 +88,14 @@ def _first(ds: pydicom.Dataset, sequence: str) -> pydicom.Dataset | None:
     return seq[0] if seq else None
 
 
-def _geometry_tags(ds: pydicom.Dataset, where: str) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+def _geometry_tags(ds: Header, where: str) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
     missing = [k for k in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing") if not ds.get(k)]
     if missing:
         raise DicomSeriesError(f"{where}: expected the geometry tags {', '.join(missing)}, they are missing (not a volume?)")
     try:
-        orientation = np.asarray([float(v) for v in _values(ds.ImageOrientationPatient)], dtype=np.float64)
-        position = np.asarray([float(v) for v in _values(ds.ImagePositionPatient)], dtype=np.float64)
-        spacing = tuple(float(v) for v in _values(ds.PixelSpacing))
+        orientation = np.asarray([float(v) for v in _values(ds.get("ImageOrientationPatient"))], dtype=np.float64)
+        position = np.asarray([float(v) for v in _values(ds.get("ImagePositionPatient"))], dtype=np.float64)
+        spacing = tuple(float(v) for v in _values(ds.get("PixelSpacing")))
     except (TypeError, ValueError) as err:
         raise DicomSeriesError(f"{where}: expected numbers in the geometry tags, found {err}") from None
     _check_geometry(orientation, position, spacing, where)
@@ -111,7 +119,7 @@ def _check_geometry(orientation: np.ndarray, position: np.ndarray, spacing: tupl
         raise DicomSeriesError(f"{where}: expected positive PixelSpacing, found {list(spacing)}")
 
 
-def _order_keys(ds: pydicom.Dataset) -> tuple[float, ...]:
+def _order_keys(ds: Header) -> tuple[float, ...]:
     """Keys that order the repeats of one slice position (classic images): time, then instance."""
     return (
         _float(ds.get("TemporalPositionIdentifier"), 0.0),
@@ -121,17 +129,17 @@ def _order_keys(ds: pydicom.Dataset) -> tuple[float, ...]:
     )
 
 
-def _echo(ds: pydicom.Dataset) -> float | None:
+def _echo(ds: Header) -> float | None:
     number = ds.get("EchoNumbers")
     if number not in (None, ""):
         try:
-            return float(number[0] if isinstance(number, pydicom.multival.MultiValue) else number)
+            return float(_values(number)[0])
         except (TypeError, ValueError):
             return None
     return None
 
 
-def _mosaic_tiles(ds: pydicom.Dataset, where: str) -> tuple[int, np.ndarray] | None:
+def _mosaic_tiles(ds: Header, where: str) -> tuple[int, np.ndarray] | None:
     """(number of tiles, slice normal) of a Siemens mosaic, or None when ``ds`` is not one."""
     image_type = [str(v).upper() for v in ds.get("ImageType", [])]
     if "MOSAIC" not in image_type:
@@ -151,7 +159,7 @@ def _mosaic_tiles(ds: pydicom.Dataset, where: str) -> tuple[int, np.ndarray] | N
     return int(n), (np.asarray(normal, dtype=np.float64) if normal is not None else None)
 
 
-def frames_of(ds: pydicom.Dataset, path: Path) -> list[Frame]:
+def frames_of(ds: Header, path: Path) -> list[Frame]:
     """The frames of one image object (header only), in the order its pixel data stores them."""
     where = str(path)
     rows, columns = ds.get("Rows") or 0, ds.get("Columns") or 0

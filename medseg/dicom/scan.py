@@ -1,10 +1,13 @@
 """Find the DICOM series under a folder of any structure, reading headers only.
 
-Each file is parsed once, its pixel data (and any other large value) deferred. What the rest of
-medseg needs from it is kept in a small ``DicomFile``: a slim copy of the header, the frames with
-their geometry, where its plain pixels lie in the file, and which series a label object
-references. Being small, these come back cheaply from worker processes, which parse a large
-tree on several cores; the full data sets are dropped.
+Each file is parsed once, its pixel data (and any other large value) deferred. Classic
+single-frame images, most files of most trees, are read by the fast header reader
+(``medseg.dicom.header``); every other file, and any that reader does not vouch for, by pydicom.
+What the rest of medseg needs from a file is kept in a small ``DicomFile``: the frames with
+their geometry, where its plain pixels lie in the file, the UIDs that group it, which series a
+label object references, and a slim copy of the header (read again on demand for fast-read
+images). Being small, these come back cheaply from worker processes, which parse a large tree
+on several cores; the full data sets are dropped.
 
 Image objects are grouped by SeriesInstanceUID and a series is split further where it mixes
 slice orientations, image sizes or echoes (each part becomes its own volume). Segmentations
@@ -18,23 +21,30 @@ import hashlib
 import logging
 import multiprocessing as mp
 import os
+import struct
 import sys
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from multiprocessing.pool import Pool
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pydicom
 from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from medseg.dicom.frames import Frame, frames_of
+from medseg.dicom.header import read_image_header
 from medseg.dicom.sidecar import ALLOWED_KEYWORDS
-from medseg.dicom.volume import PixelLocation, pixel_location, read_without_preamble
+from medseg.dicom.volume import (
+    PixelLocation,
+    locate_pixels,
+    pixel_location,
+    read_without_preamble,
+)
 from medseg.errors import DicomSeriesError
 
 log = logging.getLogger(__name__)
@@ -48,15 +58,48 @@ ObjectKind = Literal["image", "seg", "rtstruct", "other"]
 class DicomFile:
     """What the scan keeps of one DICOM file: a slim header (``SLIM_KEYWORDS``), its kind, and for
     an image its frames (or why they cannot be read) and where its plain pixels lie; for a label
-    object, the SeriesInstanceUID it references (None if it names none)."""
+    object, the SeriesInstanceUID it references (None if it names none); and the UIDs and series
+    number that grouping reads. The slim header of an image read by the fast reader is not kept
+    (``slim`` is None): ``header`` reads it again from the file for the few that need it."""
 
     path: Path
-    header: pydicom.Dataset
+    slim: pydicom.Dataset | None  # the slim header; None where it is read on demand (``header``)
     kind: ObjectKind
     frames: tuple[Frame, ...] = ()
     frame_error: str = ""
     pixels: PixelLocation | None = None
     references: str | None = None
+    # What grouping reads of every file, decoded once where the file is read.
+    series_uid: str = ""
+    series_number: str = ""
+    sop_uid: str = ""
+
+    @property
+    def header(self) -> pydicom.Dataset:
+        """The slim header; read again from the file (fast) where the scan did not keep it."""
+        if self.slim is None:
+            object.__setattr__(self, "slim", _slim_header(self.path))
+        return self.slim  # type: ignore[return-value]
+
+
+def _keys(get: Callable[..., Any]) -> dict[str, str]:
+    """The grouping fields of a ``DicomFile`` from a header's ``get``; a series number as a whole
+    number where it is one (the same text from either reader); '' for a value that is damaged."""
+
+    def text(keyword: str) -> str:
+        try:
+            value = get(keyword)
+        except Exception:  # a damaged value, which pydicom converts (and raises) on first use
+            return ""
+        if keyword == "SeriesNumber":
+            try:
+                return str(int(value))
+            except (TypeError, ValueError):
+                pass
+        return "" if value is None else str(value)
+
+    return {"series_uid": text("SeriesInstanceUID"), "series_number": text("SeriesNumber"),
+            "sop_uid": text("SOPInstanceUID")}
 
 
 @dataclass
@@ -137,7 +180,15 @@ DEFER_SIZE = 16384
 
 
 def _read_file(path: Path) -> DicomFile | tuple[Path, str]:
-    """The ``DicomFile`` of ``path``, or (path, why) when it is no DICOM file or a damaged one."""
+    """The ``DicomFile`` of ``path``, or (path, why) when it is no DICOM file or a damaged one.
+
+    The fast header reader (``medseg.dicom.header``) serves classic single-frame images; pydicom
+    reads every other file, and any that reader does not vouch for."""
+    return _fast_file(path) or _pydicom_file(path)
+
+
+def _pydicom_file(path: Path) -> DicomFile | tuple[Path, str]:
+    """``_read_file`` through pydicom alone."""
     try:
         ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
     except InvalidDicomError:
@@ -167,6 +218,32 @@ def _read_file(path: Path) -> DicomFile | tuple[Path, str]:
     return _summary(path, ds, kind)
 
 
+def _fast_file(path: Path) -> DicomFile | None:
+    """The ``DicomFile`` of a classic single-frame image read by the fast header reader, or None
+    where that reader does not vouch for the file or a value is not plain: then pydicom reads it
+    (and words the error if there is one)."""
+    raw = read_image_header(path, _fast_tags())
+    if raw is None:
+        return None
+    try:
+        frames = tuple(frames_of(raw, path))
+        pixels = locate_pixels(raw.transfer_syntax, raw.pixel_offset, raw.pixel_length, raw.get)
+        keys = _keys(raw.get)
+    except (DicomSeriesError, ValueError, TypeError, KeyError, UnicodeDecodeError, struct.error):
+        return None
+    # The slim header is read again for the few files that need it (``DicomFile.header``): sending
+    # it back from a worker process would cost more than reading it.
+    return DicomFile(path, None, "image", frames, "", pixels, **keys)
+
+
+def _slim_header(path: Path) -> pydicom.Dataset:
+    """The slim header of an image file."""
+    raw = read_image_header(path, _fast_tags())
+    if raw is not None:
+        return raw.dataset(_slim_tags())
+    return _slim(pydicom.dcmread(path, defer_size=DEFER_SIZE))
+
+
 def sop_class_uid(ds: pydicom.Dataset) -> str:
     """The SOP class of a data set, from SOPClassUID or else its file meta ('' if neither)."""
     return str(ds.get("SOPClassUID", "") or getattr(ds.get("file_meta", None), "MediaStorageSOPClassUID", ""))
@@ -190,7 +267,7 @@ def _summary(path: Path, ds: pydicom.Dataset, kind: ObjectKind) -> DicomFile:
         except (ValueError, TypeError, NotImplementedError, BytesLengthException) as err:
             # a damaged value in a sequence (multi-frame groups), which pydicom converts on first use
             frames, error = (), f"{path}: unreadable DICOM header ({type(err).__name__}: {err})"
-        return DicomFile(path, _slim(ds), kind, frames, error, pixel_location(ds))
+        return DicomFile(path, _slim(ds), kind, frames, error, pixel_location(ds), **_keys(ds.get))
     references = None
     if kind in ("seg", "rtstruct"):
         from medseg.dicom.labels import (
@@ -201,7 +278,7 @@ def _summary(path: Path, ds: pydicom.Dataset, kind: ObjectKind) -> DicomFile:
             references = referenced_series_uid(ds)
         except Exception as err:  # a damaged reference: the object references nothing usable
             log.warning("%s: cannot read the series this %s references (%s)", path, kind.upper(), type(err).__name__)
-    return DicomFile(path, _slim(ds), kind, references=references)
+    return DicomFile(path, _slim(ds), kind, references=references, **_keys(ds.get))
 
 
 # The header attributes a DicomFile keeps: what grouping, naming, case ids and the sidecar read.
@@ -231,6 +308,18 @@ def _slim(ds: pydicom.Dataset) -> pydicom.Dataset:
 @cache
 def _slim_tags() -> tuple[int, ...]:
     return tuple(pydicom.datadict.tag_for_keyword(k) for k in SLIM_KEYWORDS)
+
+
+# What the fast header reader keeps of a classic image: the slim header, the values the reader
+# and the frames use, and the pixel module that says how the pixels are stored.
+PIXEL_KEYWORDS = ("SamplesPerPixel", "PhotometricInterpretation", "PlanarConfiguration", "BitsAllocated",
+                  "BitsStored", "HighBit", "PixelRepresentation")
+
+
+@cache
+def _fast_tags() -> frozenset[int]:
+    keywords = (*SLIM_KEYWORDS, *USED_KEYWORDS, *PIXEL_KEYWORDS)
+    return frozenset(pydicom.datadict.tag_for_keyword(k) for k in keywords)
 
 
 # The top-level values the reader uses, converted as the header is read: pydicom converts a value on
@@ -358,7 +447,7 @@ def group_series(files: Sequence[DicomFile]) -> tuple[list[SeriesGroup], list[tu
     by_uid: dict[tuple[str, str], list[DicomFile]] = {}
     for f in files:
         if f.kind == "image":
-            key = (str(f.header.SeriesInstanceUID), str(f.header.get("SeriesNumber", "")))
+            key = (f.series_uid, f.series_number)
             by_uid.setdefault(key, []).append(f)
     groups: list[SeriesGroup] = []
     refused: list[tuple[str, str]] = []
@@ -372,7 +461,7 @@ def group_series(files: Sequence[DicomFile]) -> tuple[list[SeriesGroup], list[tu
 
 def _split_copies(members: list[DicomFile]) -> list[list[DicomFile]]:
     """One list per folder when the same SOPInstanceUID is stored twice (copies of a series), else one."""
-    uids = [str(m.header.get("SOPInstanceUID", "")) for m in members]
+    uids = [m.sop_uid for m in members]
     if len(set(uids)) == len(uids):
         return [members]
     by_folder: dict[Path, list[DicomFile]] = {}
@@ -409,7 +498,7 @@ def _drop_copies(files: list[DicomFile]) -> tuple[list[DicomFile], list[tuple[Pa
     first: dict[tuple[Path, str], Path] = {}
     copies: list[tuple[Path, str]] = []
     for f in files:
-        uid = str(f.header.get("SOPInstanceUID", "") or "")
+        uid = f.sop_uid
         key = (f.path.parent, uid)
         if uid and f.kind == "image" and key in first:
             log.warning("%s: ignored, the same image (SOPInstanceUID) as %s", f.path, first[key].name)

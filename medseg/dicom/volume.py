@@ -15,10 +15,11 @@ frames at one position with nothing to tell them apart, fewer slices than ``min_
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -78,15 +79,19 @@ def stack_geometry(
     if not frames:
         raise DicomSeriesError(f"{name}: expected image frames, found none")
     first = frames[0]
-    for f in frames:
-        if not np.allclose(f.orientation, first.orientation, atol=1e-4):
+    # The checks of every frame against the first, as arrays; the first frame that fails is named.
+    orientation_ok = np.isclose(np.array([f.orientation for f in frames]), first.orientation, rtol=1e-5, atol=1e-4).all(axis=1)
+    size_ok = np.array([(f.rows, f.columns) == (first.rows, first.columns) for f in frames])
+    spacing_ok = np.isclose(np.array([f.spacing for f in frames]), first.spacing, rtol=1e-4, atol=1e-5).all(axis=1)
+    for i in np.flatnonzero(~(orientation_ok & size_ok & spacing_ok))[:1]:
+        f = frames[i]
+        if not orientation_ok[i]:
             raise DicomSeriesError(f"{name}: expected one slice orientation, {f.path} differs")
-        if (f.rows, f.columns) != (first.rows, first.columns):
+        if not size_ok[i]:
             raise DicomSeriesError(
                 f"{name}: expected {first.rows} x {first.columns} pixels per slice, {f.path} has {f.rows} x {f.columns}"
             )
-        if not np.allclose(f.spacing, first.spacing, rtol=1e-4, atol=1e-5):
-            raise DicomSeriesError(f"{name}: expected one pixel spacing {list(first.spacing)}, {f.path} has {list(f.spacing)}")
+        raise DicomSeriesError(f"{name}: expected one pixel spacing {list(first.spacing)}, {f.path} has {list(f.spacing)}")
     row_dir, col_dir = first.orientation[:3], first.orientation[3:]
     normal = np.cross(row_dir, col_dir)
     slices = _sort_positions(frames, normal, tolerance_mm)
@@ -260,22 +265,27 @@ def pixel_location(ds: pydicom.Dataset) -> PixelLocation | None:
     try:
         syntax = str(getattr(ds.get("file_meta"), "TransferSyntaxUID", "") or "")
         element = ds.get_item(PIXEL_DATA, keep_deferred=True)  # not read: only where it lies
-        bits = ds.get("BitsAllocated")
-        if (
-            syntax not in NATIVE_LITTLE_ENDIAN or element is None or not getattr(element, "is_raw", False)
-            or element.length == 0xFFFFFFFF or ds.get("SamplesPerPixel", 1) != 1 or bits not in (8, 16, 32)
-            or not isinstance(ds.get("BitsStored"), int) or not 0 < ds.BitsStored <= bits
-            or int(ds.get("NumberOfFrames") or 1) != 1
-            or ds.get("PixelRepresentation") not in (0, 1) or not isinstance(ds.get("Rows"), int)
-            or not isinstance(ds.get("Columns"), int)
-        ):
+        if element is None or not getattr(element, "is_raw", False):
             return None
-        kind = "u" if ds.PixelRepresentation == 0 else "i"
-        return PixelLocation(
-            int(element.value_tell), int(element.length), f"<{kind}{bits // 8}", ds.Rows, ds.Columns, ds.BitsStored
-        )
+        return locate_pixels(syntax, int(element.value_tell), int(element.length), ds.get)
     except Exception:  # anything unusual: pydicom decodes it, and reports what is wrong
         return None
+
+
+def locate_pixels(syntax: str, offset: int, length: int, get: Callable[..., Any]) -> PixelLocation | None:
+    """The ``PixelLocation`` of pixel data of ``length`` bytes at ``offset`` in a file of transfer
+    syntax ``syntax``, the pixel module read with ``get`` (a data set's ``get``); None where the
+    pixels are not plain single-frame monochrome little-endian ones."""
+    bits, stored, rows, columns = get("BitsAllocated"), get("BitsStored"), get("Rows"), get("Columns")
+    if (
+        syntax not in NATIVE_LITTLE_ENDIAN or length == 0xFFFFFFFF or get("SamplesPerPixel", 1) != 1
+        or bits not in (8, 16, 32) or not isinstance(stored, int) or not 0 < stored <= bits
+        or int(get("NumberOfFrames") or 1) != 1 or get("PixelRepresentation") not in (0, 1)
+        or not isinstance(rows, int) or not isinstance(columns, int)
+    ):
+        return None
+    kind = "u" if get("PixelRepresentation") == 0 else "i"
+    return PixelLocation(offset, length, f"<{kind}{bits // 8}", rows, columns, stored)
 
 
 def _frame_pixels(frame: Frame, pixels: np.ndarray) -> np.ndarray:

@@ -113,12 +113,41 @@ def _load_label(path: Path, image: _Volume, labels: dict[int, str] | None, toler
     return data.astype(np.uint8)
 
 
+HISTOGRAM_MAX_RANGE = 1 << 20  # integer values spanning less than this: percentiles from counts
+HISTOGRAM_CHUNK = 1 << 24  # values counted at a time (bounds the memory of the count)
+
+
+def percentiles(values: np.ndarray, q: Sequence[float]) -> list[float]:
+    """``np.percentile(values, q)`` (linear interpolation). For integer data of a modest range the
+    order statistics come from value counts, in chunks: the same result without sorting a copy,
+    which for a large CT saves seconds and gigabytes."""
+    flat = values.reshape(-1)
+    if flat.dtype.kind not in "iu" or flat.size == 0:
+        return [float(v) for v in np.percentile(flat, q)]
+    lo, hi = int(flat.min()), int(flat.max())
+    if hi - lo >= HISTOGRAM_MAX_RANGE:
+        return [float(v) for v in np.percentile(flat, q)]
+    counts = np.zeros(hi - lo + 1, dtype=np.int64)
+    for start in range(0, flat.size, HISTOGRAM_CHUNK):
+        chunk = flat[start:start + HISTOGRAM_CHUNK].astype(np.int64) - lo
+        counts += np.bincount(chunk, minlength=counts.size)
+    cumulative = np.cumsum(counts)
+    out = []
+    for p in q:
+        index = p / 100 * (flat.size - 1)
+        below = int(np.floor(index))
+        # The k-th smallest value (0-based) is the first value whose cumulative count exceeds k.
+        first, second = lo + np.searchsorted(cumulative, [below + 1, min(below + 2, flat.size)])
+        out.append(float(first + (index - below) * (second - first)))
+    return out
+
+
 def intensity_stats(data: np.ndarray, label: np.ndarray | None) -> list[IntensityStats]:
     out = []
     fg = label > 0 if label is not None and (label > 0).any() else None
     for c in range(data.shape[-1]):
         channel = data[..., c]
-        p_lo, p_hi = np.percentile(channel, [0.5, 99.5])
+        p_lo, p_hi = percentiles(channel, [0.5, 99.5])
         fg_values = channel[fg] if fg is not None else None
         out.append(
             IntensityStats(

@@ -83,7 +83,7 @@ def _convert(
         label, label_names = _read_label(label_objects[0], volume, names)
         label_sources.append(label_objects[0].path)
     files = sorted({f.path for f in group.frames}) + label_sources
-    as_channels = data.reshape(data.shape[:3] + (channels,)).astype(np.float32, copy=False)
+    as_channels = data.reshape(data.shape[:3] + (channels,))  # its own type: integer percentiles are counted
     record = write_case(out_dir, case_id, data, as_channels, volume.affine, label, files)
     write_json(out_dir / f"images/{case_id}.json", sidecar(group.header, volume, case_id=case_id))
     return record, label_names

@@ -190,3 +190,36 @@ def test_dicom_folder_of_series(shared_data: Path, tmp_path: Path) -> None:
     last = truth.shape[2] - 1
     np.testing.assert_allclose(ours.affine @ [10, 20, 0, 1], truth.affine @ [10, 20, last, 1], atol=1e-3)
     np.testing.assert_array_equal(ours.get_fdata()[:, :, ::-1], truth.get_fdata())
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16, np.int32, np.float32])
+@pytest.mark.parametrize("size", [1, 2, 7, 10_001])
+def test_percentiles_equal_numpy_on_exact_values(monkeypatch: pytest.MonkeyPatch, dtype: type, size: int) -> None:
+    """Counted percentiles (integers, in chunks of 1,000 here) equal numpy's linear ones computed in
+    float64; integer data is counted, so no sort and no overflow of int16 differences."""
+    from medseg.stages import ingest as ingest_module
+
+    monkeypatch.setattr(ingest_module, "HISTOGRAM_CHUNK", 1000)
+    rng = np.random.default_rng(size)
+    info = np.iinfo(dtype) if np.issubdtype(dtype, np.integer) else None
+    low, high = (info.min, info.max) if info is not None and info.bits <= 16 else (-70_000, 70_000)
+    values = rng.integers(low, high, size=size, endpoint=True).astype(dtype)
+    q = [0, 0.5, 33.3, 50, 99.5, 100]
+    expected = np.percentile(values.astype(np.float64), q)
+    np.testing.assert_allclose(ingest_module.percentiles(values, q), expected, rtol=1e-12, atol=1e-9)
+
+
+def test_percentiles_of_int16_do_not_overflow() -> None:
+    from medseg.stages.ingest import percentiles
+
+    values = np.array([-31685, -30083, -27838, -21282, -15088, -12595, 20529], dtype=np.int16)
+    # numpy interpolates int16 in int16: 20529 - (-12595) wraps, and its 99.5th percentile exceeds the maximum.
+    assert np.percentile(values, 99.5) > values.max()
+    assert percentiles(values, [99.5]) == pytest.approx([-12595 + 0.97 * (20529 + 12595)])
+
+
+def test_percentiles_of_a_wide_integer_range_use_numpy() -> None:
+    from medseg.stages.ingest import HISTOGRAM_MAX_RANGE, percentiles
+
+    values = np.array([0, 5, HISTOGRAM_MAX_RANGE * 4, 7], dtype=np.int64)
+    assert percentiles(values, [50, 100]) == [6.0, float(HISTOGRAM_MAX_RANGE * 4)]

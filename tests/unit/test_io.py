@@ -224,6 +224,37 @@ def test_save_nifti_float_and_overwrite(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- small helpers
 
 
+@pytest.mark.parametrize("with_isal", [True, False])
+def test_save_nifti_gz_is_the_nii_gzipped_and_repeatable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_isal: bool
+) -> None:
+    """A .nii.gz holds exactly the bytes of the .nii, as a gzip stream without a name or a time
+    (the same image gives the same file), whether ISA-L or the standard library compresses it."""
+    import builtins
+    import gzip
+
+    if not with_isal:
+        real_import = builtins.__import__
+
+        def no_isal(name: str, *args: object, **kwargs: object) -> object:
+            if name == "isal" or name.startswith("isal."):
+                raise ImportError(name)
+            return real_import(name, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "__import__", no_isal)
+    data = (np.arange(30 * 20 * 10) % 700 - 200).astype(np.int16).reshape(30, 20, 10)
+    affine = np.diag([0.5, 0.7, 2.5, 1.0])
+    save_nifti(tmp_path / "a.nii", data, affine)
+    save_nifti(tmp_path / "a.nii.gz", data, affine)
+    save_nifti(tmp_path / "b.nii.gz", data, affine)
+    packed = (tmp_path / "a.nii.gz").read_bytes()
+    assert packed[:4] == b"\x1f\x8b\x08\x00"  # gzip, deflate, no flags (no file name)
+    assert packed[4:8] == b"\x00\x00\x00\x00"  # modification time 0
+    assert gzip.decompress(packed) == (tmp_path / "a.nii").read_bytes()
+    assert packed == (tmp_path / "b.nii.gz").read_bytes()
+    np.testing.assert_array_equal(np.asanyarray(nib.load(tmp_path / "a.nii.gz").dataobj), data)
+
+
 def test_sha256_matches_hashlib(tmp_path: Path) -> None:
     path = tmp_path / "blob.bin"
     content = bytes(range(256)) * 40 + b"tail"
