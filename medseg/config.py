@@ -64,11 +64,19 @@ class PlanConfig(StrictModel):
     dims: Literal[2, 3] | None = None
     n_folds: int = Field(default=5, ge=2, description="Folds of the cross-validation split by case.")
     seed: int = Field(default=12345, description="Seed of the fold split.")
-    max_patch_voxels: int = Field(default=128**3, ge=4096, description="Largest patch the planner chooses.")
-    max_batch_voxels: int = Field(
-        default=2 * 96**3, ge=4096, description="Voxel budget of a batch: batch size = budget // patch voxels."
+    memory_budget_gb: float | None = Field(
+        default=None, gt=0,
+        description="Memory one training process may use (patch and batch are fitted to it); null = the memory "
+        "of CUDA device 0 where there is one, else 8 (nnU-Net's reference GPU).",
     )
-    max_batch_size: int = Field(default=8, ge=1)
+    base_features: int = Field(default=32, ge=1, description="Feature maps of the first stage; they double per stage.")
+    max_features: int = Field(default=320, ge=1, description="Most feature maps of a stage.")
+    min_feature_edge: int = Field(
+        default=4, ge=1, description="An axis is pooled while its feature map stays at least twice this."
+    )
+    max_batch_fraction: float = Field(
+        default=0.05, gt=0, le=1, description="A batch covers at most this fraction of the dataset's voxels."
+    )
     anisotropy_threshold: float = Field(
         default=3.0, gt=1, description="Largest/smallest spacing ratio above which the planner goes 2D."
     )

@@ -1,6 +1,7 @@
 """plan: measure the dataset (a fingerprint) and choose the settings that later stages use.
 
-Rules (each can be overridden by setting the value in the ``plan`` config section):
+Rules (each can be overridden by setting the value in the ``plan`` config section); ``plan.json``
+records every choice and why, under ``decisions``:
 
 - **Frame**: spacings and shapes are measured after reorientation to RAS, as preprocess does.
 - **Target spacing**: the median spacing per axis. If the largest median spacing is more than
@@ -8,10 +9,13 @@ Rules (each can be overridden by setting the value in the ``plan`` config sectio
   spacings instead (as nnU-Net does), so thin-slice cases are not thrown away.
 - **Dims**: 2D (slices across the coarse axis) if the data are anisotropic by that threshold,
   else 3D. A 2D plan asked for on isotropic data slices across the last (superior) axis.
-- **Patch size**: the median shape after resampling, rounded up to a multiple of 8 per axis
-  (at least 16), then its largest axis reduced by 8 until it holds at most
-  ``max_patch_voxels``. In 2D the coarse axis gets 1.
-- **Batch size**: ``max_batch_voxels // patch voxels``, between 2 and ``max_batch_size``.
+- **Patch size, topology and batch size**: nnU-Net's rules (``medseg.planning``) against a
+  memory budget (``memory_budget_gb``: the memory of CUDA device 0 where there is one, else
+  8 GB). The patch starts at the median shape after resampling (or 256^3 voxels shaped by the
+  spacing, if smaller), is rounded up to what the U-Net's pooling divides, and is shrunk until
+  a batch of 2 fits the budget; the memory is counted on the planned network
+  (``medseg.memory``). The batch is what the budget holds, at most 5% of the dataset's voxels,
+  at least 2. In 2D the same rules run on the two in-plane axes and the coarse axis gets 1.
 - **Normalization**: CT clips each channel to the 0.5 and 99.5 percentiles of the foreground
   intensities of all cases, then subtracts their mean and divides by their standard deviation;
   any other modality is z-scored per case and channel.
@@ -23,10 +27,10 @@ Outputs: ``plan.json`` (a ``Plan``) and ``splits.json`` (one ``{"train", "val"}`
 from __future__ import annotations
 
 import logging
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import nibabel as nib
 import numpy as np
@@ -54,6 +58,15 @@ class Fingerprint(BaseModel):
     class_frequency: dict[int, float]
 
 
+class NetworkTopology(BaseModel):
+    """The planned U-Net's stages (``medseg.planning.Topology``), per axis of the plan's dims."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    strides: tuple[tuple[int, ...], ...]
+    kernels: tuple[tuple[int, ...], ...]
+    features: tuple[int, ...]
+
+
 class Plan(BaseModel):
     """Settings chosen for a dataset; preprocess, train and predict read it."""
 
@@ -70,6 +83,10 @@ class Plan(BaseModel):
     ct_std: list[float] | None = None
     dims: Literal[2, 3]
     median_shape_resampled: list[int]
+    topology: NetworkTopology | None = None
+    memory_budget_gb: float | None = None
+    estimated_memory_gb: float | None = None  # the planned network's training at this patch and batch
+    decisions: dict[str, str] = {}
     fingerprint: Fingerprint
 
     @property
@@ -93,23 +110,6 @@ def ras_spacing_and_shape(record: CaseRecord) -> tuple[np.ndarray, np.ndarray]:
         spacing[int(world_axis)] = record.spacing_mm[voxel_axis]
         shape[int(world_axis)] = record.shape[voxel_axis]
     return spacing, shape
-
-
-def _round_up(value: float, multiple: int) -> int:
-    return max(2 * multiple, int(math.ceil(value / multiple)) * multiple)
-
-
-def choose_patch_size(median_shape: np.ndarray, max_voxels: int, coarse_axis: int | None) -> tuple[int, int, int]:
-    """Median shape rounded up to multiples of 8 and shrunk to the voxel budget (see module doc)."""
-    patch = [_round_up(s, 8) for s in median_shape]
-    if coarse_axis is not None:
-        patch[coarse_axis] = 1
-    while math.prod(patch) > max_voxels:
-        largest = int(np.argmax(patch))
-        if patch[largest] <= 16:
-            break
-        patch[largest] -= 8
-    return (patch[0], patch[1], patch[2])
 
 
 def make_splits(case_ids: list[str], n_folds: int, seed: int) -> list[dict[str, list[str]]]:
@@ -171,29 +171,112 @@ def _fingerprint(records: list[CaseRecord], root: Path, n_classes: int, seed: in
     return fingerprint, spacings_arr, shapes_arr, pooled
 
 
+GB = 2**30
+CPU_BUDGET_GB = 8.0  # nnU-Net's reference GPU
+
+
+def memory_budget(config: PlanConfig) -> tuple[float, str]:
+    """The memory budget in GB, and where it comes from."""
+    if config.memory_budget_gb is not None:
+        return config.memory_budget_gb, "set in the config (plan.memory_budget_gb)"
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return props.total_memory / GB, f"the memory of CUDA device 0 ({props.name})"
+    return CPU_BUDGET_GB, f"no CUDA device here: {CPU_BUDGET_GB:g} GB, nnU-Net's reference GPU"
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{v:g}" for v in values) + "]"
+
+
 def decide(fingerprint: Fingerprint, spacings: np.ndarray, shapes: np.ndarray, pooled: list[np.ndarray],
            modality: str, labels: dict[int, str], config: PlanConfig) -> Plan:
     """Apply the planning rules of the module doc to a fingerprint."""
+    from medseg.memory import training_bytes
+    from medseg.planning import batch_size, fit_patch, topology
+
+    decisions: dict[str, str] = {}
     median_spacing = np.median(spacings, axis=0)
-    anisotropic = median_spacing.max() / median_spacing.min() > config.anisotropy_threshold
+    ratio = float(median_spacing.max() / median_spacing.min())
+    anisotropic = ratio > config.anisotropy_threshold
     coarse_axis = int(np.argmax(median_spacing)) if anisotropic else None
     target = median_spacing.copy()
+    decisions["target_spacing_mm"] = f"the median spacing {_fmt(median_spacing)}"
     if coarse_axis is not None:
         target[coarse_axis] = np.percentile(spacings[:, coarse_axis], 10)
+        decisions["target_spacing_mm"] += (
+            f", axis {coarse_axis} at the 10th percentile of its spacings ({target[coarse_axis]:g}): the data are "
+            f"anisotropic ({ratio:.2f} > anisotropy_threshold {config.anisotropy_threshold:g})"
+        )
     if config.target_spacing_mm is not None:
         target = np.asarray(config.target_spacing_mm, dtype=float)
+        decisions["target_spacing_mm"] = "set in the config"
     dims = config.dims or (2 if anisotropic else 3)
+    decisions["dims"] = "set in the config" if config.dims else (
+        f"2D: the median spacing is anisotropic ({ratio:.2f} > {config.anisotropy_threshold:g})" if anisotropic
+        else f"3D: the median spacing is within anisotropy_threshold {config.anisotropy_threshold:g} ({ratio:.2f})"
+    )
     if dims == 2 and coarse_axis is None:  # the coarsest axis; the last of equals (axial slices in RAS)
         coarse_axis = 2 - int(np.argmax(target[::-1]))
     resampled = np.median(shapes * spacings / target, axis=0)
+    axes = [a for a in range(3) if dims == 3 or a != coarse_axis]  # the axes the network convolves
+    n_classes = max(labels) + 1
+    channels = len(pooled)
+    budget_gb, budget_why = memory_budget(config)
+    budget = int(budget_gb * GB)
+    decisions["memory_budget_gb"] = budget_why
+
+    def estimate(topo: Any, patch: tuple[int, ...]) -> tuple[int, int]:
+        return training_bytes(topo, patch, channels, n_classes)
+
+    def full(patch_axes: Sequence[int]) -> tuple[int, int, int]:
+        out = [1, 1, 1]
+        for a, p in zip(axes, patch_axes):
+            out[a] = int(p)
+        return (out[0], out[1], out[2])
+
+    topo_kwargs = {"min_edge": config.min_feature_edge, "base_features": config.base_features,
+                   "max_features": config.max_features}
     if config.patch_size is not None:
         if len(config.patch_size) != 3:
             raise DataError(f"plan.patch_size: expected 3 values (1 on the slice axis for 2D), found {config.patch_size}")
         patch = tuple(int(p) for p in config.patch_size)
+        topo, _ = topology(target[axes], [patch[a] for a in axes], **topo_kwargs)
+        sample, fixed = estimate(topo, tuple(int(np.ceil(patch[a] / d)) * d for a, d in zip(axes, topo.divisor)))
+        decisions["patch_size"] = "set in the config"
     else:
-        patch = choose_patch_size(resampled, config.max_patch_voxels, coarse_axis if dims == 2 else None)
-    batch = config.batch_size or int(np.clip(config.max_batch_voxels // math.prod(patch), 2, config.max_batch_size))
+        choice = fit_patch(target[axes], resampled[axes], budget, estimate, **topo_kwargs)
+        topo, sample, fixed = choice.topology, choice.sample_bytes, choice.fixed_bytes
+        patch = full(choice.patch)
+        fits = "fits" if 2 * sample + fixed <= budget else "still exceeds"
+        decisions["patch_size"] = (
+            f"the median shape at the target spacing {_fmt(resampled[axes])} (or 256^{len(axes)} voxels shaped by the "
+            f"spacing, if smaller), rounded up to what {len(topo.strides) - 1} stages of pooling divide "
+            f"{_fmt(topo.divisor)}"
+            + (f", shrunk {choice.reductions} times" if choice.reductions else "")
+            + f"; a batch of 2 needs {(2 * sample + fixed) / GB:.2f} GB and {fits} the {budget_gb:.1f} GB budget"
+        )
+    if config.batch_size is not None:
+        batch = config.batch_size
+        decisions["batch_size"] = "set in the config"
+    else:
+        dataset_voxels = float(np.prod(resampled)) * len(shapes)
+        batch, why = batch_size(sample, fixed, budget, [patch[a] for a in axes], dataset_voxels,
+                                config.max_batch_fraction)
+        decisions["batch_size"] = f"set by {why}"
+    decisions["topology"] = (
+        f"pools per axis {_fmt(topo.pools)}: an axis is pooled while its feature map keeps at least "
+        f"{2 * config.min_feature_edge} voxels and its spacing is within 2x of the finest; kernels of 3 on axes "
+        f"within 2x of the finest spacing, else 1; {config.base_features} feature maps doubling up to "
+        f"{config.max_features}"
+    )
     normalization = config.normalization or ("ct" if modality.upper() == "CT" else "zscore")
+    decisions["normalization"] = "set in the config" if config.normalization else (
+        "CT: clip to the foreground's 0.5 and 99.5 percentiles, then its mean and deviation" if normalization == "ct"
+        else f"{modality}: z-score per case and channel"
+    )
     ct = {}
     if normalization == "ct":
         clips = [(float(np.percentile(v, 0.5)), float(np.percentile(v, 99.5))) for v in pooled]
@@ -205,7 +288,7 @@ def decide(fingerprint: Fingerprint, spacings: np.ndarray, shapes: np.ndarray, p
         }
     return Plan(
         modality=modality,
-        channels=len(pooled),
+        channels=channels,
         labels=labels,
         target_spacing_mm=(float(target[0]), float(target[1]), float(target[2])),
         patch_size=(patch[0], patch[1], patch[2]),
@@ -213,6 +296,10 @@ def decide(fingerprint: Fingerprint, spacings: np.ndarray, shapes: np.ndarray, p
         normalization=normalization,
         dims=dims,
         median_shape_resampled=[int(round(s)) for s in resampled],
+        topology=NetworkTopology(strides=topo.strides, kernels=topo.kernels, features=topo.features),
+        memory_budget_gb=round(budget_gb, 3),
+        estimated_memory_gb=round((batch * sample + fixed) / GB, 3),
+        decisions=decisions,
         fingerprint=fingerprint,
         **ct,
     )
@@ -236,8 +323,10 @@ def plan(manifest_path: Path, out_dir: Path, config: PlanConfig | None = None) -
     write_json(plan_path, chosen.model_dump(mode="json"))
     write_json(splits_path, splits)
     log.info(
-        "plan: %dD, spacing %s mm, patch %s, batch %d, normalization %s",
+        "plan: %dD, spacing %s mm, patch %s, batch %d, normalization %s, %d stages (about %.2f of %.1f GB)",
         chosen.dims, chosen.target_spacing_mm, chosen.patch_size, chosen.batch_size, chosen.normalization,
+        len(chosen.topology.strides) if chosen.topology else 0, chosen.estimated_memory_gb or 0,
+        chosen.memory_budget_gb or 0,
     )
     return PlanResult(plan_path, splits_path, chosen)
 

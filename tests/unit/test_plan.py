@@ -1,4 +1,5 @@
-"""Unit tests of medseg.stages.plan: patch size rule, fold splits, and plan() on an ingested dataset.
+"""Unit tests of medseg.stages.plan: fold splits, and plan() on an ingested dataset (the patch,
+topology and batch rules themselves are tested in test_planning.py).
 
 The synthetic MSD dataset (built in tmp_path and ingested with medseg.stages.ingest.ingest):
 five cases whose RAS grid is (20, 24, 10) voxels of 1 x 1 x z mm, z = 3, 4, 4, 5, 6. Two cases are
@@ -13,8 +14,12 @@ Measured in RAS order the spacings are (1, 1, z) for every case, so:
 - target spacing axis 2 = 10th percentile of z = 3, 4, 4, 5, 6 -> 3 + 0.4 * (4 - 3) = 3.4
   (numpy's linear interpolation: position 0.1 * (5 - 1) = 0.4 between the two smallest);
 - median shape after resampling: (20, 24, median(10 z / 3.4)) = (20, 24, 40 / 3.4 = 11.76);
-- patch: 20 -> 24, 24 -> 24, and 1 on the coarse axis -> (24, 24, 1);
-- batch: 2 * 96^3 // 576 = 3072, clipped to max_batch_size 8.
+- patch (2D, on axes 0 and 1 at 1 x 1 mm): the median in-plane shape (20, 24), smaller than
+  2048^2 voxels. Each axis is pooled twice (20 -> 10 -> 5 and 24 -> 12 -> 6: a third pool would
+  leave fewer than 8), so the divisor is 4 and (20, 24) stays; 1 on the coarse axis -> (20, 24, 1);
+- batch: the 8 GB budget would hold thousands of these small patches, but a batch covers at
+  most 5% of the dataset's voxels: 5 cases x 20 x 24 x 11.76 = 28,235 voxels, 5% = 1,412, over
+  480 voxels per patch = 2.94 -> 3.
 
 Had the voxel order been used instead, c3 would count as 4 mm along axis 0 and 1 mm along
 axis 2, and the 10th percentile along axis 2 would be 1.8.
@@ -38,42 +43,7 @@ from medseg.config import PlanConfig
 from medseg.errors import DataError
 from medseg.io import save_nifti
 from medseg.stages.ingest import ingest
-from medseg.stages.plan import choose_patch_size, load_plan, load_splits, make_splits, plan
-
-# ---------------------------------------------------------------- choose_patch_size
-
-
-@pytest.mark.parametrize(
-    ("median_shape", "max_voxels", "coarse_axis", "expected"),
-    [
-        # Round up to multiples of 8: 20 -> 24, 24 -> 24, 10 -> 16.
-        ((20, 24, 10), 128**3, None, (24, 24, 16)),
-        # 2D: the coarse axis gets 1.
-        ((20, 24, 10), 128**3, 2, (24, 24, 1)),
-        ((20, 24, 10), 128**3, 0, (1, 24, 16)),
-        # At least 16 per axis, exact multiples kept, fractions rounded up.
-        ((1, 16, 16.1), 128**3, None, (16, 16, 24)),
-        ((8, 32, 40), 128**3, None, (16, 32, 40)),
-        # Shrinking: (136, 64, 32) has 278,528 voxels; the largest axis loses 8 at a time
-        # (the first of equal axes first): 136 -> 64, then 64 (axis 0) -> 56, 64 (axis 1) -> 56,
-        # 56 (axis 0) -> 48: 48 * 56 * 32 = 86,016 <= 100,000.
-        ((130, 60, 30), 100_000, None, (48, 56, 32)),
-        # Exactly at the budget: nothing to shrink.
-        ((64, 64, 32), 64 * 64 * 32, None, (64, 64, 32)),
-        # 2D shrinking ignores the coarse axis: 304 x 304 -> 48 x 48 = 2304 > 2048 -> 40 x 48.
-        ((300, 300, 12.5), 2048, 2, (40, 48, 1)),
-        # Never below 16: a budget under 16^3 leaves (16, 16, 16).
-        ((300, 300, 300), 4096, None, (16, 16, 16)),
-        ((300, 300, 300), 1000, None, (16, 16, 16)),
-    ],
-)
-def test_choose_patch_size(
-    median_shape: tuple[float, float, float], max_voxels: int, coarse_axis: int | None, expected: tuple[int, int, int]
-) -> None:
-    patch = choose_patch_size(np.asarray(median_shape, dtype=float), max_voxels, coarse_axis)
-    assert patch == expected
-    assert all(isinstance(p, int) for p in patch)
-
+from medseg.stages.plan import load_plan, load_splits, make_splits, plan
 
 # ---------------------------------------------------------------- make_splits
 
@@ -202,9 +172,18 @@ def test_plan_anisotropic_ct(ct_manifest: Path, tmp_path: Path) -> None:
     # Spacing in RAS order; coarse axis 2 takes the 10th percentile of 3, 4, 4, 5, 6.
     assert p.target_spacing_mm == pytest.approx((1.0, 1.0, 3.4), abs=1e-9)
     assert p.dims == 2
-    assert p.patch_size == (24, 24, 1)
+    assert p.patch_size == (20, 24, 1)
     assert p.median_shape_resampled == [20, 24, 12]  # 40 / 3.4 = 11.76
-    assert p.batch_size == 8
+    assert p.batch_size == 3
+    assert p.topology is not None
+    assert p.topology.strides == ((1, 1), (2, 2), (2, 2))
+    assert p.topology.kernels == ((3, 3), (3, 3), (3, 3))
+    assert p.topology.features == (32, 64, 128)
+    assert p.memory_budget_gb == 8.0  # no CUDA here
+    assert set(p.decisions) == {"target_spacing_mm", "dims", "memory_budget_gb", "patch_size", "batch_size",
+                                "topology", "normalization"}
+    assert "5% of the dataset's voxels" in p.decisions["batch_size"]
+    assert "10th percentile" in p.decisions["target_spacing_mm"]
 
     fp = p.fingerprint
     assert fp.n_cases == 5
@@ -270,10 +249,18 @@ def test_isotropic_spacing_chosen_as_3d_when_threshold_is_not_reached(ct_manifes
     p = plan(ct_manifest, tmp_path / "plan", PlanConfig(anisotropy_threshold=5.0)).plan
     assert p.dims == 3
     assert p.target_spacing_mm == pytest.approx((1.0, 1.0, 4.0))
-    # Resampled to 4 mm: median(10 z / 4) = 10; rounded up -> (24, 24, 16).
+    # Resampled to 4 mm: median(10 z / 4) = 10, so the median shape (20, 24, 10). At spacing
+    # (1, 1, 4) axis 2 is 4x coarser: it is never pooled (kernel 1) while axes 0 and 1 are
+    # pooled twice, and then it alone would need at least 12 voxels: strides (1, 1, 1),
+    # (2, 2, 1), (2, 2, 1), divisor (4, 4, 1), so (20, 24, 10) stays.
     assert p.median_shape_resampled == [20, 24, 10]
-    assert p.patch_size == (24, 24, 16)
-    assert p.batch_size == 8  # 2 * 96^3 // 9216 = 192, clipped to 8
+    assert p.patch_size == (20, 24, 10)
+    assert p.topology is not None
+    assert p.topology.strides == ((1, 1, 1), (2, 2, 1), (2, 2, 1))
+    assert p.topology.kernels == ((3, 3, 1), (3, 3, 1), (3, 3, 3))
+    # 5% of 5 x 4,800 voxels is 1,200, a quarter of one patch: the minimum batch of 2.
+    assert p.batch_size == 2
+    assert p.decisions["batch_size"] == "set by the minimum of 2"
 
 
 def test_patch_size_of_wrong_length_is_refused(ct_manifest: Path, tmp_path: Path) -> None:
