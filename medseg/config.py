@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from medseg.errors import ConfigError
 
@@ -102,13 +109,31 @@ class AugmentConfig(StrictModel):
     gamma_prob: float = Field(default=0.15, ge=0, le=1)
 
 
-class NetworkConfig(StrictModel):
-    """The network, chosen by name from ``medseg.networks``."""
+# The settings of each network (``medseg.networks``); a setting of another network is refused.
+NETWORK_SETTINGS = {
+    "channels": ("unet",), "num_res_units": ("unet",), "backbone": ("flexunet",),
+    "deep_supervision": ("dynunet", "resenc"), "blocks_per_stage": ("resenc",),
+    "init_filters": ("segresnet",), "blocks_down": ("segresnet",), "blocks_up": ("segresnet",),
+}
 
-    name: Literal["unet", "dynunet", "flexunet"] = "unet"
-    channels: tuple[int, ...] = Field(default=(16, 32, 64, 128), description="Feature maps per level.")
-    num_res_units: int = Field(default=2, ge=0, description="unet only.")
-    backbone: str = Field(default="resnet18", description="flexunet only: a MONAI FlexibleUNet encoder.")
+
+class NetworkConfig(StrictModel):
+    """The network, chosen by name from ``medseg.networks``. ``dynunet`` and ``resenc`` follow the
+    plan's topology (stages, kernels, feature maps); the others take their own settings."""
+
+    name: Literal["dynunet", "resenc", "segresnet", "unet", "flexunet"] = "unet"
+    channels: tuple[int, ...] = Field(default=(16, 32, 64, 128), description="unet: feature maps per level.")
+    num_res_units: int = Field(default=2, ge=0, description="unet: residual units per level.")
+    backbone: str = Field(default="resnet18", description="flexunet: a MONAI FlexibleUNet encoder.")
+    deep_supervision: bool = Field(default=True, description="dynunet, resenc: a loss on every decoder stage but the lowest.")
+    blocks_per_stage: tuple[int, ...] | None = Field(
+        default=None, description="resenc: residual blocks per encoder stage; null = nnU-Net's 1, 3, 4, 6, 6, ..."
+    )
+    init_filters: int = Field(
+        default=32, ge=8, multiple_of=8, description="segresnet: feature maps of the first stage (its group norm has 8 groups)."
+    )
+    blocks_down: tuple[int, ...] = Field(default=(1, 2, 2, 4), description="segresnet: residual blocks per encoder stage.")
+    blocks_up: tuple[int, ...] = Field(default=(1, 1, 1), description="segresnet: blocks per decoder stage.")
     dropout: float = Field(default=0.0, ge=0, lt=1)
 
     @field_validator("channels")
@@ -117,6 +142,27 @@ class NetworkConfig(StrictModel):
         if len(value) < 2:
             raise ValueError(f"expected at least 2 levels, found {len(value)}")
         return value
+
+    @field_validator("blocks_per_stage", "blocks_down", "blocks_up")
+    @classmethod
+    def _positive_blocks(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if value is not None and (not value or min(value) < 1):
+            raise ValueError(f"expected one or more positive block counts, found {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _settings_of_this_network(self) -> NetworkConfig:
+        foreign = [
+            key for key, names in NETWORK_SETTINGS.items()
+            if self.name not in names and getattr(self, key) != type(self).model_fields[key].default
+        ]
+        if foreign:
+            owners = "; ".join(f"{k} is for {', '.join(NETWORK_SETTINGS[k])}" for k in foreign)
+            raise ValueError(f"settings of another network for '{self.name}': {owners}")
+        if self.name == "segresnet" and len(self.blocks_up) != len(self.blocks_down) - 1:
+            raise ValueError(f"segresnet: expected one fewer blocks_up than blocks_down, found {len(self.blocks_up)} "
+                             f"and {len(self.blocks_down)}")
+        return self
 
 
 class TrainConfig(StrictModel):

@@ -24,21 +24,11 @@ from medseg.planning import Topology
 PARAMETER_COPIES = 4  # weights, gradients, and Adam's two moments
 
 
-def planned_network(topo: Topology, in_channels: int, out_channels: int, *, deep_supervision: bool = True):  # noqa: ANN201
-    """The DynUNet of a topology (nnU-Net's network: residual-free convolution blocks, instance
-    norm, leaky ReLU, transposed-convolution upsampling), with deep supervision where it has
-    the stages for it."""
-    from monai.networks.nets import DynUNet
+def planned_network(topo: Topology, in_channels: int, out_channels: int):  # noqa: ANN201
+    """The network the plan counts: ``dynunet`` (nnU-Net's U-Net) of the topology, with deep supervision."""
+    from medseg.networks import dynunet
 
-    stages = len(topo.strides)
-    supervised = deep_supervision and stages >= 3
-    return DynUNet(
-        spatial_dims=len(topo.strides[0]), in_channels=in_channels, out_channels=out_channels,
-        kernel_size=[list(k) for k in topo.kernels], strides=[list(s) for s in topo.strides],
-        upsample_kernel_size=[list(s) for s in topo.strides[1:]], filters=list(topo.features),
-        norm_name=("instance", {"affine": True}), act_name=("leakyrelu", {"negative_slope": 0.01}),
-        deep_supervision=supervised, deep_supr_num=max(1, stages - 2) if supervised else 1,
-    )
+    return dynunet(topo, in_channels, out_channels, deep_supervision=True)
 
 
 def count_training_bytes(topo: Topology, patch: tuple[int, ...], in_channels: int, out_channels: int) -> tuple[int, int]:

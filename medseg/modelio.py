@@ -40,7 +40,8 @@ def build_from_spec(spec: ModelSpec) -> nn.Module:
     from medseg.networks import build_network
 
     return build_network(
-        spec.network, patch_size=spec.roi_size, in_channels=spec.plan.channels, out_channels=spec.plan.n_classes
+        spec.network, patch_size=spec.roi_size, in_channels=spec.plan.channels, out_channels=spec.plan.n_classes,
+        topology=spec.plan.unet_topology(),
     )
 
 

@@ -30,7 +30,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import nibabel as nib
 import numpy as np
@@ -40,6 +40,9 @@ from medseg.config import PlanConfig
 from medseg.errors import DataError
 from medseg.io import load_nifti, read_json, write_json
 from medseg.manifest import CaseRecord, load_manifest
+
+if TYPE_CHECKING:
+    from medseg.planning import Topology
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +95,16 @@ class Plan(BaseModel):
     @property
     def n_classes(self) -> int:
         return max(self.labels) + 1
+
+    def unet_topology(self) -> Topology:
+        """The planned U-Net's topology; for a plan written before plans had one, the rules'
+        topology of its spacing and patch."""
+        from medseg.planning import Topology, topology
+
+        if self.topology is not None:
+            return Topology(self.topology.strides, self.topology.kernels, self.topology.features)
+        axes = [a for a in range(3) if self.patch_size[a] != 1]
+        return topology([self.target_spacing_mm[a] for a in axes], [self.patch_size[a] for a in axes])[0]
 
 
 @dataclass(frozen=True)

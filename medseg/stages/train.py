@@ -58,6 +58,27 @@ class TrainResult:
     model_uri: str
 
 
+class SupervisedLoss(nn.Module):
+    """A segmentation loss of the network's output or, with deep supervision (an output of shape
+    (B, heads, C, ...)), of every head: weighted by MONAI's ``DeepSupervisionLoss`` "exp" weights
+    (1, 1/2, 1/4, ..., at least 1/16) normalized to sum 1, as nnU-Net weighs its decoder stages."""
+
+    def __init__(self, loss: nn.Module) -> None:
+        from monai.losses import DeepSupervisionLoss
+
+        super().__init__()
+        self.loss = loss
+        self.deep = DeepSupervisionLoss(loss, weight_mode="exp")
+
+    def forward(self, output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        if output.dim() != label.dim() + 1:
+            return self.loss(output, label)
+        heads = torch.unbind(output, dim=1)
+        weights = self.deep.get_weights(len(heads))
+        total = sum(weights)
+        return sum(w / total * self.loss(h, label) for w, h in zip(weights, heads))  # type: ignore[return-value]
+
+
 def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
@@ -159,7 +180,7 @@ def train(
     missing = [c for c in split["train"] + split["val"] if c not in cached]
     if missing:
         raise DataError(f"{splits_path}: fold {fold} names cases not in {preprocessed_dir}: {missing[:5]}")
-    roi = network_roi(plan.patch_size, config.network)
+    roi = network_roi(plan.patch_size, config.network, plan.unet_topology())
     spec = ModelSpec(plan=plan, preprocess=pre_config, network=config.network, roi_size=roi, fold=fold)
     n_classes = plan.n_classes
     foreground_names = [plan.labels[k] for k in sorted(plan.labels) if k != 0]
@@ -170,7 +191,7 @@ def train(
     scheduler = _scheduler(optimizer, config)
     use_amp = config.amp and dev.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp) if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler") else torch.cuda.amp.GradScaler(enabled=use_amp)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    loss_fn = SupervisedLoss(DiceCELoss(to_onehot_y=True, softmax=True, batch=True))
 
     start_epoch, best_dice, best_epoch = 0, -1.0, -1
     history: list[dict[str, float]] = []

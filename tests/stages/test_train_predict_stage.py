@@ -123,3 +123,39 @@ def test_2d_plan_trains_and_predicts(tmp_path: Path) -> None:
     out = predict(src / "imagesTr", tmp_path / "masks", [trained.model_uri], case_ids=["case_000"])
     mask = nib.load(str(out.written[0]))
     assert mask.shape == (24, 24, 8)
+
+
+@pytest.mark.parametrize("name", ["dynunet", "resenc"])
+def test_deep_supervised_network_on_the_plan_topology_trains_and_predicts(
+    prepared: Path, tmp_path: Path, name: str
+) -> None:
+    """A plan with small feature maps (8 to 32); its topology builds the network, deep supervision
+    trains it, and predict loads it back from the checkpoint's spec."""
+    small = plan(prepared / "ingest" / "manifest.json", tmp_path / "plan",
+                 PlanConfig(n_folds=3, target_spacing_mm=(1.0, 1.0, 1.0), batch_size=2, base_features=8,
+                            max_features=32)).plan
+    assert small.topology is not None and small.topology.features[0] == 8
+    network = NetworkConfig(name=name, **({"blocks_per_stage": (1, 2, 2, 2, 2)} if name == "resenc" else {}))
+    config = TINY.model_copy(update={"network": network, "epochs": 2})
+    result = train(prepared / "pre", tmp_path / "plan" / "plan.json", prepared / "plan" / "splits.json",
+                   tmp_path / "fold_0", config)
+    assert result.epochs_run == 2 and np.isfinite(result.best_dice)
+    scans = tmp_path / "scans"
+    image, _ = synthetic_case(np.random.default_rng(5), (24, 24, 16))
+    write_nifti(scans / "case.nii.gz", image)
+    out = predict(scans, tmp_path / "masks", [result.model_uri])
+    assert nib.load(str(out.written[0])).shape == (24, 24, 16)
+
+
+def test_supervised_loss_weighs_heads_one_half_one_quarter_normalized() -> None:
+    from medseg.stages.train import SupervisedLoss
+
+    class MeanLoss(torch.nn.Module):
+        def forward(self, output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+            return output.mean()
+
+    loss = SupervisedLoss(MeanLoss())
+    label = torch.zeros(2, 1, 4, 4, 4)
+    heads = torch.stack([torch.full((2, 3, 4, 4, 4), float(v)) for v in (1, 2, 3)], dim=1)
+    assert float(loss(heads, label)) == pytest.approx((1 * 1 + 0.5 * 2 + 0.25 * 3) / 1.75)
+    assert float(loss(heads[:, 0], label)) == pytest.approx(1.0)  # no heads axis: the loss itself

@@ -7,7 +7,12 @@ import math
 
 import pytest
 
-from medseg.memory import PARAMETER_COPIES, count_training_bytes, planned_network, training_bytes
+from medseg.memory import (
+    PARAMETER_COPIES,
+    count_training_bytes,
+    planned_network,
+    training_bytes,
+)
 from medseg.planning import Topology, batch_size, fit_patch, initial_patch, topology
 
 GB = 2**30
