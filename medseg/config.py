@@ -178,13 +178,22 @@ class TrainConfig(StrictModel):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     learning_rate: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=1e-5, ge=0)
-    schedule: Literal["poly", "cosine", "constant"] = "poly"
+    schedule: Literal["poly", "cosine", "constant"] = Field(
+        default="poly", description="poly (nnU-Net's: (1 - epoch / epochs)^0.9), cosine, or constant; after the warm-up."
+    )
+    warmup_epochs: int = Field(default=0, ge=0, description="Linear warm-up of the learning rate over these epochs.")
     val_every: int = Field(default=5, ge=1, description="Validate every N epochs (and after the last).")
     seed: int = 0
     num_workers: int = Field(default=1, ge=0, description="DataLoader worker processes.")
     amp: bool = Field(default=True, description="Mixed precision (CUDA only).")
+    amp_dtype: Literal["float16", "bfloat16"] = Field(
+        default="float16", description="Half type of mixed precision: float16 (with loss scaling) or bfloat16."
+    )
+    compile: bool = Field(default=False, description="Compile the network with torch.compile.")
     max_minutes: float | None = Field(
-        default=None, gt=0, description="Stop after the epoch that passes this wall time (a safety limit)."
+        default=None, gt=0,
+        description="Time budget: stop with a checkpoint before an epoch that would end past it (judged by the "
+        "longest epoch so far), e.g. a cluster job's wall-time limit less a margin.",
     )
 
 

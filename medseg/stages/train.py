@@ -12,6 +12,7 @@ resumed training gives the same weights as an uninterrupted one (on the same dev
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -79,12 +80,40 @@ class SupervisedLoss(nn.Module):
         return sum(w / total * self.loss(h, label) for w, h in zip(weights, heads))  # type: ignore[return-value]
 
 
-def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
-    if config.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+def _backfill_metrics(mlflow: Any, run_id: str | None, history: list[dict[str, float]]) -> None:
+    """Log the epochs of ``history`` that the run lacks (a kill between checkpoint and logging)."""
+    logged = {m.step for m in mlflow.tracking.MlflowClient().get_metric_history(run_id, "train_loss")}
+    for record in history:
+        if int(record["epoch"]) not in logged:
+            mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=int(record["epoch"]))
+            log.info("logged epoch %d to MLflow run %s, which lacked it", int(record["epoch"]), run_id)
+
+
+def lr_factor(epoch: int, config: TrainConfig) -> float:
+    """The learning rate of ``epoch`` (0-based) as a fraction of ``learning_rate``: a linear
+    warm-up over ``warmup_epochs`` (epoch k of it at (k + 1) / warmup_epochs), then the schedule
+    over the remaining epochs (poly: (1 - t)^0.9, cosine: (1 + cos(pi t)) / 2, t from 0)."""
+    if epoch < config.warmup_epochs:
+        return (epoch + 1) / config.warmup_epochs
+    span = max(config.epochs - config.warmup_epochs, 1)
+    t = min((epoch - config.warmup_epochs) / span, 1.0)
     if config.schedule == "poly":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: max(0.0, 1 - e / config.epochs) ** 0.9)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)
+        return (1 - t) ** 0.9
+    if config.schedule == "cosine":
+        return (1 + math.cos(math.pi * t)) / 2
+    return 1.0
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, config=config))
+
+
+def out_of_time(elapsed_s: float, epoch_seconds: list[float], budget_s: float | None) -> bool:
+    """Whether another epoch could end past the time budget: one more of the longest epoch so far
+    (training and validation) would pass it."""
+    if budget_s is None:
+        return False
+    return elapsed_s + max(epoch_seconds, default=0.0) > budget_s
 
 
 def _optimizer(net: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -190,7 +219,10 @@ def train(
     optimizer = _optimizer(net, config)
     scheduler = _scheduler(optimizer, config)
     use_amp = config.amp and dev.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp) if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler") else torch.cuda.amp.GradScaler(enabled=use_amp)
+    amp_dtype = getattr(torch, config.amp_dtype)
+    scaling = use_amp and amp_dtype == torch.float16  # bfloat16 has float32's range: no loss scaling
+    scaler = torch.amp.GradScaler("cuda", enabled=scaling) if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler") else torch.cuda.amp.GradScaler(enabled=scaling)
+    forward = torch.compile(net) if config.compile else net  # shares net's weights; checkpoints save net's
     loss_fn = SupervisedLoss(DiceCELoss(to_onehot_y=True, softmax=True, batch=True))
 
     start_epoch, best_dice, best_epoch = 0, -1.0, -1
@@ -260,6 +292,8 @@ def train(
                 (Path(tmp) / "plan.json").write_text(plan.model_dump_json(indent=2))
                 (Path(tmp) / "train_config.json").write_text(config.model_dump_json(indent=2))
                 mlflow.log_artifacts(tmp, artifact_path="config")
+        if mlflow is not None and resume:
+            _backfill_metrics(mlflow, run_id, history)
         progress = tqdm(
             total=config.epochs, initial=start_epoch, desc=f"fold {fold}", unit="epoch", file=sys.stderr,
             mininterval=0 if sys.stderr.isatty() else 30, disable=None,
@@ -275,13 +309,14 @@ def train(
             net.train()
             losses = []
             t0 = time.monotonic()
+            lr = optimizer.param_groups[0]["lr"]
             target_iters = config.iterations_per_epoch or len(loader)
             while len(losses) < target_iters:
                 for batch in loader:
                     image, label = batch["image"].to(dev), batch["label"].to(dev)
                     optimizer.zero_grad(set_to_none=True)
-                    with torch.autocast(device_type=dev.type, enabled=use_amp):
-                        loss = loss_fn(net(image), label)
+                    with torch.autocast(device_type=dev.type, dtype=amp_dtype, enabled=use_amp):
+                        loss = loss_fn(forward(image), label)
                     scaler.scale(loss).backward()
                     scaler.unscale_(optimizer)
                     nn.utils.clip_grad_norm_(net.parameters(), 12.0)
@@ -291,13 +326,11 @@ def train(
                     if len(losses) >= target_iters:
                         break
             scheduler.step()
-            record: dict[str, float] = {
-                "epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"],
-                "epoch_seconds": time.monotonic() - t0,
-            }
-            elapsed_min = (time.monotonic() - started) / 60
-            out_of_time = config.max_minutes is not None and elapsed_min >= config.max_minutes
-            last_epoch = epoch + 1 == config.epochs or out_of_time
+            record: dict[str, float] = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": lr}
+            # Stop now (after validating) if one more epoch as long as the longest so far would end past the budget.
+            stopping = out_of_time(time.monotonic() - started, [h["epoch_seconds"] for h in history],
+                                   config.max_minutes * 60 if config.max_minutes else None)
+            last_epoch = epoch + 1 == config.epochs or stopping
             if (epoch + 1) % config.val_every == 0 or last_epoch:
                 scores = validate_dice(net, val_cases, roi, n_classes, dev)
                 record["val_dice"] = float(scores.mean())
@@ -306,22 +339,26 @@ def train(
                     best_dice, best_epoch = record["val_dice"], epoch + 1
                     _save(best_path, {"model": net.state_dict(), "spec": spec.model_dump(mode="json"), "epoch": epoch + 1, "val_dice": best_dice})
                 log.info("fold %d epoch %d: loss %.4f, val Dice %.4f (best %.4f at %d)", fold, epoch + 1, record["train_loss"], record["val_dice"], best_dice, best_epoch)
+            record["epoch_seconds"] = time.monotonic() - t0  # training and validation
             history.append(record)
-            if mlflow is not None:
-                mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
             _save(last_path, {
                 "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch + 1, "best_dice": best_dice, "best_epoch": best_epoch,
                 "history": history, "rng": _rng_state(), "spec": spec.model_dump(mode="json"), "run_id": run_id,
             })
+            # Logged after the checkpoint: a kill in between leaves the epoch to the backfill of a resume, not
+            # logged twice by a redone epoch.
+            if mlflow is not None:
+                mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
             progress.set_postfix(loss=f"{record['train_loss']:.3f}", dice=f"{best_dice:.3f}")
             progress.update(1)
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < config.epochs:
                 progress.close()
                 log.info("fold %d: stopped after epoch %d as asked; continue with resume", fold, epoch + 1)
                 return TrainResult(out_dir, best_dice, best_epoch, epoch + 1, str(last_path.resolve()))
-            if out_of_time:
-                log.warning("fold %d: stopping after epoch %d, past max_minutes=%s", fold, epoch + 1, config.max_minutes)
+            if stopping and epoch + 1 < config.epochs:
+                log.warning("fold %d: stopping after epoch %d of %d: another epoch could end past max_minutes=%s; "
+                            "continue with resume", fold, epoch + 1, config.epochs, config.max_minutes)
                 break
         progress.close()
         write_json(out_dir / "history.json", history)

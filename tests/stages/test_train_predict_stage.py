@@ -159,3 +159,129 @@ def test_supervised_loss_weighs_heads_one_half_one_quarter_normalized() -> None:
     heads = torch.stack([torch.full((2, 3, 4, 4, 4), float(v)) for v in (1, 2, 3)], dim=1)
     assert float(loss(heads, label)) == pytest.approx((1 * 1 + 0.5 * 2 + 0.25 * 3) / 1.75)
     assert float(loss(heads[:, 0], label)) == pytest.approx(1.0)  # no heads axis: the loss itself
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        # poly over 4 epochs: (1 - e / 4)^0.9
+        ({"epochs": 4}, [1.0, 0.75**0.9, 0.5**0.9, 0.25**0.9]),
+        # 2 warm-up epochs (1/2, 2/2), then cosine over the other 4: (1 + cos(pi t)) / 2, t = 0, 1/4, 1/2, 3/4
+        ({"epochs": 6, "warmup_epochs": 2, "schedule": "cosine"},
+         [0.5, 1.0, 1.0, (1 + np.cos(np.pi / 4)) / 2, 0.5, (1 + np.cos(3 * np.pi / 4)) / 2]),
+        ({"epochs": 3, "warmup_epochs": 1, "schedule": "constant"}, [1.0, 1.0, 1.0]),
+    ],
+)
+def test_learning_rate_schedule(overrides: dict, expected: list[float]) -> None:
+    from medseg.stages.train import lr_factor
+
+    config = TrainConfig(**overrides)
+    assert [lr_factor(e, config) for e in range(config.epochs)] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("elapsed", "epochs", "budget", "expected"),
+    [
+        (50.0, [], 100.0, False),  # nothing measured yet: go on while within the budget
+        (120.0, [], 100.0, True),  # already past it
+        (60.0, [30.0, 35.0], 100.0, False),  # 60 + 35 = 95 fits
+        (70.0, [30.0, 35.0], 100.0, True),  # 70 + 35 = 105 would not
+        (1e9, [1e9], None, False),  # no budget
+    ],
+)
+def test_out_of_time_judges_by_the_longest_epoch(elapsed: float, epochs: list[float], budget: float | None,
+                                                 expected: bool) -> None:
+    from medseg.stages.train import out_of_time
+
+    assert out_of_time(elapsed, epochs, budget) is expected
+
+
+def test_time_budget_stops_with_a_usable_checkpoint(prepared: Path, tmp_path: Path) -> None:
+    """A budget shorter than one epoch: training stops after the first, validated, with best.pt and
+    model.json that predict can use; resume goes on from there with the same schedule."""
+    config = TINY.model_copy(update={"epochs": 4, "val_every": 3, "max_minutes": 1e-4})
+    result = _train(prepared, tmp_path / "fold_0", config)
+    assert result.epochs_run == 1 and result.best_epoch == 1
+    history = __import__("json").loads((tmp_path / "fold_0" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1] and "val_dice" in history[0]
+    info = __import__("json").loads((tmp_path / "fold_0" / "model.json").read_text())
+    assert info["best_epoch"] == 1
+    scans = tmp_path / "scans"
+    image, _ = synthetic_case(np.random.default_rng(2), (24, 24, 16))
+    write_nifti(scans / "case.nii.gz", image)
+    assert len(predict(scans, tmp_path / "masks", [result.model_uri]).written) == 1
+    resumed = _train(prepared, tmp_path / "fold_0", config.model_copy(update={"max_minutes": None}), resume=True)
+    assert resumed.epochs_run == 4
+    state = torch.load(tmp_path / "fold_0" / "last.pt", weights_only=False)
+    assert [h["epoch"] for h in state["history"]] == [1, 2, 3, 4]
+    assert [h["lr"] for h in state["history"]] == pytest.approx([1e-3 * (1 - e / 4) ** 0.9 for e in range(4)])
+
+
+def test_resume_after_a_kill_continues_the_same_schedule_and_mlflow_run(
+    prepared: Path, tmp_path: Path, venv_bin: Path
+) -> None:
+    """``medseg train`` killed (SIGKILL) after its second epoch's checkpoint, then ``--resume``: the
+    same epochs, learning rates and losses as a run never interrupted, in one MLflow run that has
+    every epoch's metrics once."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    import mlflow
+
+    params = json.dumps({**TINY.model_dump(mode="json"), "epochs": 5, "iterations_per_epoch": 6, "val_every": 2})
+
+    def command(out: Path, db: Path, *extra: str) -> list[str]:
+        return [str(venv_bin / "medseg"), "train", "--preprocessed", str(prepared / "pre"),
+                "--plan", str(prepared / "plan" / "plan.json"), "--splits", str(prepared / "plan" / "splits.json"),
+                "--output", str(out), "--params", params, "--tracking-uri", f"sqlite:///{db}",
+                "--artifact-root", str(tmp_path / "artifacts"), "--device", "cpu", *extra]
+
+    subprocess.run(command(tmp_path / "straight", tmp_path / "a.db"), check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(killed, tmp_path / "b.db"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            last = killed / "last.pt"
+            if last.exists() and torch.load(last, weights_only=False)["epoch"] >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "training ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    epoch_at_kill = torch.load(killed / "last.pt", weights_only=False)["epoch"]
+    assert 2 <= epoch_at_kill < 5
+    subprocess.run(command(killed, tmp_path / "b.db", "--resume"), check=True, capture_output=True)
+
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+    b = torch.load(killed / "last.pt", weights_only=False)
+    assert [h["epoch"] for h in b["history"]] == [1, 2, 3, 4, 5]
+    assert [h["lr"] for h in b["history"]] == [h["lr"] for h in a["history"]]
+    assert [h["train_loss"] for h in b["history"]] == [h["train_loss"] for h in a["history"]]
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0)
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'b.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.fold = '0'")
+    assert len(runs) == 1 and runs[0].info.run_id == b["run_id"]
+    steps = [m.step for m in client.get_metric_history(b["run_id"], "train_loss")]
+    assert sorted(steps) == [1, 2, 3, 4, 5]
+    assert [m.step for m in client.get_metric_history(b["run_id"], "val_dice")] == [2, 4, 5]
+
+
+@pytest.mark.slow
+def test_compiled_training_saves_the_plain_network(prepared: Path, tmp_path: Path) -> None:
+    """torch.compile (about 80 s to compile on a 2-core CPU, hence slow): the checkpoint holds the
+    network's own weights (no compiled wrapper's key prefix), which predict loads."""
+    result = _train(prepared, tmp_path / "fold_0", TINY.model_copy(update={"epochs": 1, "compile": True}))
+    state = torch.load(tmp_path / "fold_0" / "best.pt", weights_only=False)
+    assert not any(k.startswith("_orig_mod.") for k in state["model"])
+    scans = tmp_path / "scans"
+    image, _ = synthetic_case(np.random.default_rng(4), (24, 24, 16))
+    write_nifti(scans / "case.nii.gz", image)
+    assert len(predict(scans, tmp_path / "masks", [result.model_uri]).written) == 1
