@@ -190,6 +190,11 @@ class TrainConfig(StrictModel):
         default="float16", description="Half type of mixed precision: float16 (with loss scaling) or bfloat16."
     )
     compile: bool = Field(default=False, description="Compile the network with torch.compile.")
+    processes: int = Field(
+        default=1, ge=1,
+        description="Training processes (DistributedDataParallel): one per GPU, or gloo processes on CPUs. The "
+        "workflow starts more than 1 with torchrun and asks for as many GPUs (the 'gpu' resource).",
+    )
     max_minutes: float | None = Field(
         default=None, gt=0,
         description="Time budget: stop with a checkpoint before an epoch that would end past it (judged by the "

@@ -13,13 +13,14 @@ rule train:
         pre=lambda w, input: os.path.dirname(input.index),
         out=lambda w, output: os.path.dirname(output.info),
         artifacts=f"{RESULTS}/mlartifacts",
+        launcher=TRAIN_LAUNCHER,
     threads: workflow.cores
     resources:
-        gpu=0,
+        gpu=TRAIN_GPUS,
     log:
         f"{RESULTS}/logs/train/fold_{{fold}}.log",
     shell:
-        "medseg train --preprocessed {params.pre} --plan {input.plan} --splits {input.splits} "
+        "{params.launcher} train --preprocessed {params.pre} --plan {input.plan} --splits {input.splits} "
         "--fold {wildcards.fold} --output {params.out} --manifest {input.manifest} "
         "--params {params.cfg} --tracking-params {params.tracking} --tracking-uri {params.uri} "
         "--artifact-root {params.artifacts} --tag snakemake.rule=train > {log} 2>&1"

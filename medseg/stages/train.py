@@ -21,6 +21,7 @@ import random
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,7 @@ class SupervisedLoss(nn.Module):
         heads = torch.unbind(output, dim=1)
         weights = self.deep.get_weights(len(heads))
         total = sum(weights)
-        return sum(w / total * self.loss(h, label) for w, h in zip(weights, heads))  # type: ignore[return-value]
+        return sum(w / total * self.loss(h, label) for w, h in zip(weights, heads, strict=True))  # type: ignore[return-value]
 
 
 def _backfill_metrics(mlflow: Any, run_id: str | None, history: list[dict[str, float]]) -> None:
@@ -139,6 +140,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.as_tensor() if hasattr(tensor, "as_tensor") else tensor
+
+
 def _save(path: Path, state: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -147,12 +152,16 @@ def _save(path: Path, state: dict[str, Any]) -> None:
 def validate_dice(
     net: nn.Module, cases: list[dict[str, np.ndarray]], roi: tuple[int, ...], n_classes: int, device: torch.device
 ) -> np.ndarray:
-    """Mean Dice per foreground class over ``cases`` (preprocessed space, sliding window)."""
+    """Mean Dice per foreground class over ``cases`` (preprocessed space, sliding window); a class
+    absent from a case's label does not count for that case (MONAI's ``ignore_empty``).
+
+    MONAI's functional ``compute_dice``, not ``DiceMetric``: the metric object gathers its buffers
+    across processes when a process group exists, and only the main process validates."""
     from monai.inferers import sliding_window_inference
-    from monai.metrics import DiceMetric
+    from monai.metrics import compute_dice
     from monai.networks.utils import one_hot
 
-    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+    rows = []
     net.eval()
     with torch.no_grad():
         for case in cases:
@@ -160,10 +169,14 @@ def validate_dice(
             logits = sliding_window_inference(image, roi, 4, net, overlap=0.25, mode="gaussian")
             pred = logits.argmax(1, keepdim=True).cpu()
             label = torch.as_tensor(case["label"])[None].long()
-            metric(one_hot(pred, n_classes), one_hot(label, n_classes))
-    scores = metric.aggregate().cpu().numpy()
-    metric.reset()
-    return np.nan_to_num(scores, nan=0.0)
+            dice = compute_dice(one_hot(pred, n_classes), one_hot(label, n_classes), include_background=False,
+                                ignore_empty=True)
+            rows.append(np.asarray(dice.detach().cpu())[0])
+    scores = np.array(rows, dtype=np.float64)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a class absent from every case: NaN, reported as 0
+        mean = np.nanmean(scores, axis=0)
+    return np.nan_to_num(mean, nan=0.0)
 
 
 def training_key(spec: ModelSpec, config: TrainConfig, split: dict[str, list[str]]) -> str:
@@ -192,17 +205,23 @@ def train(
     a later ``resume=True`` run continues. No model is logged or registered until the end.
     """
     from monai.data import DataLoader, Dataset
-    from monai.losses import DiceCELoss
     from monai.utils import set_determinism
+    from torch.utils.data.distributed import DistributedSampler
     from tqdm.auto import tqdm
 
+    from medseg import distributed
+    from medseg.losses import DiceCELoss
     from medseg.transforms import training_augmentation
 
     config = config or TrainConfig()
     tracking = tracking or Tracking(uri=None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device)
+    procs = distributed.from_environment()  # several processes when torchrun started this one
+    dev = distributed.start(procs, resolve_device(device))
+    if config.processes != procs.world_size:
+        log.warning("train.processes is %d, but %d training process(es) run: torchrun starts several "
+                    "(the workflow does so when processes > 1)", config.processes, procs.world_size)
     plan = load_plan(plan_path)
     pre_config, cached = read_index(Path(preprocessed_dir) / "index.json")
     split = load_splits(splits_path, fold)
@@ -222,8 +241,9 @@ def train(
     amp_dtype = getattr(torch, config.amp_dtype)
     scaling = use_amp and amp_dtype == torch.float16  # bfloat16 has float32's range: no loss scaling
     scaler = torch.amp.GradScaler("cuda", enabled=scaling) if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler") else torch.cuda.amp.GradScaler(enabled=scaling)
-    forward = torch.compile(net) if config.compile else net  # shares net's weights; checkpoints save net's
-    loss_fn = SupervisedLoss(DiceCELoss(to_onehot_y=True, softmax=True, batch=True))
+    forward = distributed.wrap(net, procs, dev)  # DDP across processes, else net itself
+    forward = torch.compile(forward) if config.compile else forward  # shares net's weights; checkpoints save net's
+    loss_fn = SupervisedLoss(DiceCELoss())  # MONAI's DiceCELoss(batch=True), its Dice over all processes' batch
 
     start_epoch, best_dice, best_epoch = 0, -1.0, -1
     history: list[dict[str, float]] = []
@@ -248,11 +268,13 @@ def train(
     val_cases = [load_case(preprocessed_dir, c) for c in split["val"]]
     augment = training_augmentation(roi, config.augment, dims=plan.dims)
     dataset = Dataset(train_cases, transform=augment)
-    batch_size = min(plan.batch_size, len(train_cases))
+    batch_size = distributed.share_of_batch(min(plan.batch_size, len(train_cases)), procs)
+    sampler = (DistributedSampler(dataset, num_replicas=procs.world_size, rank=procs.rank, shuffle=True,
+                                  seed=config.seed, drop_last=True) if procs.enabled else None)
 
     mlflow = None
     run_ctx: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-    if tracking.uri is not None:
+    if tracking.uri is not None and procs.main:  # one process talks to MLflow
         import mlflow as _mlflow
 
         from medseg import tracking as trk
@@ -296,15 +318,18 @@ def train(
             _backfill_metrics(mlflow, run_id, history)
         progress = tqdm(
             total=config.epochs, initial=start_epoch, desc=f"fold {fold}", unit="epoch", file=sys.stderr,
-            mininterval=0 if sys.stderr.isatty() else 30, disable=None,
+            mininterval=0 if sys.stderr.isatty() else 30, disable=None if procs.main else True,
         )
         epoch = start_epoch
         for epoch in range(start_epoch, config.epochs):
-            set_determinism(seed=config.seed + epoch)
-            augment.set_random_state(seed=config.seed + epoch)
+            seed = config.seed + epoch + 100_003 * procs.rank  # each process augments its own samples
+            set_determinism(seed=seed)
+            augment.set_random_state(seed=seed)
+            if sampler is not None:
+                sampler.set_epoch(epoch)
             loader = DataLoader(
-                dataset, batch_size=batch_size, shuffle=True, num_workers=config.num_workers, drop_last=True,
-                persistent_workers=False,
+                dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+                num_workers=config.num_workers, drop_last=True, persistent_workers=False,
             )
             net.train()
             losses = []
@@ -313,7 +338,8 @@ def train(
             target_iters = config.iterations_per_epoch or len(loader)
             while len(losses) < target_iters:
                 for batch in loader:
-                    image, label = batch["image"].to(dev), batch["label"].to(dev)
+                    # Plain tensors: MONAI's MetaTensor adds work to every operation, and torch.compile refuses it.
+                    image, label = _plain(batch["image"]).to(dev), _plain(batch["label"]).to(dev)
                     optimizer.zero_grad(set_to_none=True)
                     with torch.autocast(device_type=dev.type, dtype=amp_dtype, enabled=use_amp):
                         loss = loss_fn(forward(image), label)
@@ -330,8 +356,9 @@ def train(
             # Stop now (after validating) if one more epoch as long as the longest so far would end past the budget.
             stopping = out_of_time(time.monotonic() - started, [h["epoch_seconds"] for h in history],
                                    config.max_minutes * 60 if config.max_minutes else None)
+            stopping = distributed.from_main(stopping, procs)  # every process stops at the same epoch
             last_epoch = epoch + 1 == config.epochs or stopping
-            if (epoch + 1) % config.val_every == 0 or last_epoch:
+            if procs.main and ((epoch + 1) % config.val_every == 0 or last_epoch):
                 scores = validate_dice(net, val_cases, roi, n_classes, dev)
                 record["val_dice"] = float(scores.mean())
                 record.update({f"val_dice_{name}": float(s) for name, s in zip(foreground_names, scores)})
@@ -341,11 +368,13 @@ def train(
                 log.info("fold %d epoch %d: loss %.4f, val Dice %.4f (best %.4f at %d)", fold, epoch + 1, record["train_loss"], record["val_dice"], best_dice, best_epoch)
             record["epoch_seconds"] = time.monotonic() - t0  # training and validation
             history.append(record)
-            _save(last_path, {
-                "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": epoch + 1, "best_dice": best_dice, "best_epoch": best_epoch,
-                "history": history, "rng": _rng_state(), "spec": spec.model_dump(mode="json"), "run_id": run_id,
-            })
+            if procs.main:
+                _save(last_path, {
+                    "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
+                    "best_dice": best_dice, "best_epoch": best_epoch, "history": history, "rng": _rng_state(),
+                    "spec": spec.model_dump(mode="json"), "run_id": run_id,
+                })
             # Logged after the checkpoint: a kill in between leaves the epoch to the backfill of a resume, not
             # logged twice by a redone epoch.
             if mlflow is not None:
@@ -355,12 +384,16 @@ def train(
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < config.epochs:
                 progress.close()
                 log.info("fold %d: stopped after epoch %d as asked; continue with resume", fold, epoch + 1)
+                distributed.stop(procs)
                 return TrainResult(out_dir, best_dice, best_epoch, epoch + 1, str(last_path.resolve()))
             if stopping and epoch + 1 < config.epochs:
                 log.warning("fold %d: stopping after epoch %d of %d: another epoch could end past max_minutes=%s; "
                             "continue with resume", fold, epoch + 1, config.epochs, config.max_minutes)
                 break
         progress.close()
+        distributed.stop(procs)
+        if not procs.main:  # the main process writes the outputs
+            return TrainResult(out_dir, best_dice, best_epoch, epoch + 1, "")
         write_json(out_dir / "history.json", history)
 
         model_uri = str(best_path.resolve())

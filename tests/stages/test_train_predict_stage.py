@@ -285,3 +285,33 @@ def test_compiled_training_saves_the_plain_network(prepared: Path, tmp_path: Pat
     image, _ = synthetic_case(np.random.default_rng(4), (24, 24, 16))
     write_nifti(scans / "case.nii.gz", image)
     assert len(predict(scans, tmp_path / "masks", [result.model_uri]).written) == 1
+
+
+def test_torchrun_trains_in_two_gloo_processes(prepared: Path, tmp_path: Path, venv_bin: Path) -> None:
+    """``torchrun --nproc_per_node 2 -m medseg.cli train`` on CPUs (gloo): each process takes one of
+    the batch of 2; the main process alone writes checkpoints, history and one MLflow run."""
+    import json
+    import subprocess
+
+    import mlflow
+
+    params = json.dumps({**TINY.model_dump(mode="json"), "epochs": 2, "processes": 2})
+    db = tmp_path / "mlflow.db"
+    result = subprocess.run(
+        [str(venv_bin / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "medseg.cli", "train",
+         "--preprocessed", str(prepared / "pre"), "--plan", str(prepared / "plan" / "plan.json"),
+         "--splits", str(prepared / "plan" / "splits.json"), "--output", str(tmp_path / "fold_0"),
+         "--params", params, "--tracking-uri", f"sqlite:///{db}", "--artifact-root", str(tmp_path / "artifacts"),
+         "--device", "cpu"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(tmp_path / "fold_0" / "last.pt", weights_only=False)
+    assert state["epoch"] == 2 and [h["epoch"] for h in state["history"]] == [1, 2]
+    assert not any(k.startswith("module.") for k in state["model"])  # the network's own weights, not DDP's
+    history = json.loads((tmp_path / "fold_0" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2] and "val_dice" in history[-1]
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.fold = '0'")
+    assert len(runs) == 1
+    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss")) == [1, 2]

@@ -21,7 +21,7 @@ GB = 2**30
 def test_isotropic_topology_pools_every_axis_while_eight_voxels_remain() -> None:
     """Hippocampus-like: 1 mm, median shape (36, 50, 35). 36 -> 18 -> 9 -> 5, 50 -> 25 -> 13 -> 7,
     35 -> 18 -> 9 -> 5: three pools on each axis (a fourth would start below 8 voxels), so the
-    divisor is 8 and the patch rounds up to (40, 56, 40), nnU-Net's plan for this dataset."""
+    divisor is 8 and the patch rounds up to (40, 56, 40)."""
     topo, patch = topology((1.0, 1.0, 1.0), (36, 50, 35))
     assert topo.strides == ((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2))
     assert topo.kernels == ((3, 3, 3),) * 4
@@ -155,9 +155,8 @@ def test_memory_of_a_2d_topology() -> None:
 
 
 def test_hippocampus_fingerprint_gives_nnunet_patch_and_the_data_bound_batch() -> None:
-    """At 8 GB the whole median shape fits (a batch of 2 needs about 0.5 GB): patch (40, 56, 40) as
-    nnU-Net plans it; the batch is bounded by 5% of the 208 cases' voxels (nnU-Net, with 260
-    cases, gets 9)."""
+    """At 8 GB the whole median shape fits (a batch of 2 needs about 0.5 GB): patch (40, 56, 40); the
+    batch is bounded by 5% of the voxels: 7 for 208 cases, 9 for the 260 of the full MSD set."""
     choice = fit_patch((1.0, 1.0, 1.0), (36, 50, 35), 8 * GB, lambda t, p: training_bytes(t, p, 1, 3))
     assert choice.patch == (40, 56, 40)
     assert choice.reductions == 0
