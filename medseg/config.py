@@ -190,6 +190,16 @@ class TrainConfig(StrictModel):
         default="float16", description="Half type of mixed precision: float16 (with loss scaling) or bfloat16."
     )
     compile: bool = Field(default=False, description="Compile the network with torch.compile.")
+    init_from: str | None = Field(
+        default=None,
+        description="Transfer learning: a medseg checkpoint or an MLflow model URI (models:/<name>/<version>) whose "
+        "weights start the training (same network).",
+    )
+    init_part: Literal["all", "encoder"] = Field(
+        default="all", description="Weights taken from init_from: all of them (the output layer only where its "
+        "shape matches), or the encoder's alone (dynunet, resenc, segresnet, flexunet).",
+    )
+    freeze_epochs: int = Field(default=0, ge=0, description="Keep the taken weights fixed for the first epochs.")
     processes: int = Field(
         default=1, ge=1,
         description="Training processes (DistributedDataParallel): one per GPU, or gloo processes on CPUs. The "

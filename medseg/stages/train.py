@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medseg import transfer
 from medseg.config import TrackingConfig, TrainConfig
 from medseg.errors import DataError, ModelError
 from medseg.io import atomic_path, write_json
@@ -234,7 +235,14 @@ def train(
     foreground_names = [plan.labels[k] for k in sorted(plan.labels) if k != 0]
 
     set_determinism(seed=config.seed)
-    net = build_from_spec(spec).to(dev)
+    net = build_from_spec(spec)
+    frozen: frozenset[str] = frozenset()
+    if config.init_from is not None and not resume:
+        source, source_network = transfer.load_source(config.init_from, tracking.uri)
+        taken = transfer.take_weights(net, config.network, source, source_network, config.init_part,
+                                      f"train.init_from={config.init_from}")
+        frozen = frozenset(taken.taken)
+    net = net.to(dev)
     optimizer = _optimizer(net, config)
     scheduler = _scheduler(optimizer, config)
     use_amp = config.amp and dev.type == "cuda"
@@ -261,6 +269,7 @@ def train(
         scaler.load_state_dict(state["scaler"])
         start_epoch, best_dice, best_epoch = state["epoch"], state["best_dice"], state["best_epoch"]
         history, run_id = state["history"], state.get("run_id")
+        frozen = frozenset(state.get("frozen", ()))
         _set_rng_state(state["rng"])
         log.info("resuming fold %d at epoch %d (best Dice %.4f)", fold, start_epoch, best_dice)
 
@@ -344,6 +353,8 @@ def train(
                     with torch.autocast(device_type=dev.type, dtype=amp_dtype, enabled=use_amp):
                         loss = loss_fn(forward(image), label)
                     scaler.scale(loss).backward()
+                    if epoch < config.freeze_epochs:
+                        transfer.drop_gradients(net, frozen)
                     scaler.unscale_(optimizer)
                     nn.utils.clip_grad_norm_(net.parameters(), 12.0)
                     scaler.step(optimizer)
@@ -373,7 +384,7 @@ def train(
                     "model": net.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
                     "best_dice": best_dice, "best_epoch": best_epoch, "history": history, "rng": _rng_state(),
-                    "spec": spec.model_dump(mode="json"), "run_id": run_id,
+                    "spec": spec.model_dump(mode="json"), "run_id": run_id, "frozen": sorted(frozen),
                 })
             # Logged after the checkpoint: a kill in between leaves the epoch to the backfill of a resume, not
             # logged twice by a redone epoch.
