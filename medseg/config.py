@@ -185,6 +185,11 @@ class TrainConfig(StrictModel):
     val_every: int = Field(default=5, ge=1, description="Validate every N epochs (and after the last).")
     seed: int = 0
     num_workers: int = Field(default=1, ge=0, description="DataLoader worker processes.")
+    cache: Literal["auto", "memory", "disk"] = Field(
+        default="auto", description="Training cases kept in memory, or read from disk per sample (bounded memory); "
+        "auto = memory when they fit cache_max_gb.",
+    )
+    cache_max_gb: float = Field(default=8.0, gt=0, description="auto cache: the most memory the training cases may take.")
     amp: bool = Field(default=True, description="Mixed precision (CUDA only).")
     amp_dtype: Literal["float16", "bfloat16"] = Field(
         default="float16", description="Half type of mixed precision: float16 (with loss scaling) or bfloat16."

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medseg import transfer
+from medseg import caching, transfer
 from medseg.config import TrackingConfig, TrainConfig
 from medseg.errors import DataError, ModelError
 from medseg.io import atomic_path, write_json
@@ -151,7 +152,7 @@ def _save(path: Path, state: dict[str, Any]) -> None:
 
 
 def validate_dice(
-    net: nn.Module, cases: list[dict[str, np.ndarray]], roi: tuple[int, ...], n_classes: int, device: torch.device
+    net: nn.Module, cases: Iterable[dict[str, np.ndarray]], roi: tuple[int, ...], n_classes: int, device: torch.device
 ) -> np.ndarray:
     """Mean Dice per foreground class over ``cases`` (preprocessed space, sliding window); a class
     absent from a case's label does not count for that case (MONAI's ``ignore_empty``).
@@ -206,6 +207,7 @@ def train(
     a later ``resume=True`` run continues. No model is logged or registered until the end.
     """
     from monai.data import DataLoader, Dataset
+    from monai.transforms import Compose
     from monai.utils import set_determinism
     from torch.utils.data.distributed import DistributedSampler
     from tqdm.auto import tqdm
@@ -273,10 +275,15 @@ def train(
         _set_rng_state(state["rng"])
         log.info("resuming fold %d at epoch %d (best Dice %.4f)", fold, start_epoch, best_dice)
 
-    train_cases = [load_case(preprocessed_dir, c) for c in split["train"]]
-    val_cases = [load_case(preprocessed_dir, c) for c in split["val"]]
+    total = sum(caching.case_bytes(cached[c], plan.channels) for c in split["train"])
+    cache_mode, cache_why = caching.choose(config.cache, total, config.cache_max_gb)
+    log.info("fold %d: training cases in %s: %s", fold, cache_mode, cache_why)
+    train_cases = caching.training_items(preprocessed_dir, split["train"], cache_mode)
+    kept_val = [load_case(preprocessed_dir, c) for c in split["val"]] if cache_mode == "memory" else None
     augment = training_augmentation(roi, config.augment, dims=plan.dims)
-    dataset = Dataset(train_cases, transform=augment)
+    # Read-then-augment as one flat chain: its random transforms get the same seeds as augment's alone would.
+    transform = augment if cache_mode == "memory" else Compose([caching.LoadPreprocessed(), *augment.transforms])
+    dataset = Dataset(train_cases, transform=transform)
     batch_size = distributed.share_of_batch(min(plan.batch_size, len(train_cases)), procs)
     sampler = (DistributedSampler(dataset, num_replicas=procs.world_size, rank=procs.rank, shuffle=True,
                                   seed=config.seed, drop_last=True) if procs.enabled else None)
@@ -317,7 +324,7 @@ def train(
         if mlflow is not None and run_id is None:
             run_id = run.info.run_id
             trk.log_params(
-                run_id, params | {"fold": str(fold), "n_train": str(len(train_cases)), "n_val": str(len(val_cases))}
+                run_id, params | {"fold": str(fold), "n_train": str(len(train_cases)), "n_val": str(len(split["val"])), "cache": cache_mode}
             )
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / "plan.json").write_text(plan.model_dump_json(indent=2))
@@ -333,7 +340,7 @@ def train(
         for epoch in range(start_epoch, config.epochs):
             seed = config.seed + epoch + 100_003 * procs.rank  # each process augments its own samples
             set_determinism(seed=seed)
-            augment.set_random_state(seed=seed)
+            transform.set_random_state(seed=seed)
             if sampler is not None:
                 sampler.set_epoch(epoch)
             loader = DataLoader(
@@ -370,7 +377,8 @@ def train(
             stopping = distributed.from_main(stopping, procs)  # every process stops at the same epoch
             last_epoch = epoch + 1 == config.epochs or stopping
             if procs.main and ((epoch + 1) % config.val_every == 0 or last_epoch):
-                scores = validate_dice(net, val_cases, roi, n_classes, dev)
+                scores = validate_dice(net, caching.validation_cases(preprocessed_dir, split["val"], kept_val), roi,
+                                       n_classes, dev)
                 record["val_dice"] = float(scores.mean())
                 record.update({f"val_dice_{name}": float(s) for name, s in zip(foreground_names, scores)})
                 if record["val_dice"] > best_dice:

@@ -315,3 +315,20 @@ def test_torchrun_trains_in_two_gloo_processes(prepared: Path, tmp_path: Path, v
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.fold = '0'")
     assert len(runs) == 1
     assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss")) == [1, 2]
+
+
+def test_cases_read_from_disk_train_as_those_kept_in_memory(prepared: Path, tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """The same samples, losses and weights whether the training cases are kept or read per sample."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="medseg.stages.train"):
+        _train(prepared, tmp_path / "memory", TINY.model_copy(update={"epochs": 2}))
+        _train(prepared, tmp_path / "disk", TINY.model_copy(update={"epochs": 2, "cache": "disk"}))
+    assert "training cases in memory" in caplog.text and "training cases in disk" in caplog.text
+    a = torch.load(tmp_path / "memory" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "disk" / "last.pt", weights_only=False)
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    assert [h["val_dice"] for h in a["history"]] == [h["val_dice"] for h in b["history"]]
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0)
