@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,6 +140,19 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _timed(batches: Iterable[Any], waits: list[float]) -> Iterator[Any]:
+    """The items of ``batches``, each wait for the next one appended to ``waits`` (seconds)."""
+    items = iter(batches)
+    while True:
+        start = time.monotonic()
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        waits.append(time.monotonic() - start)
+        yield item
 
 
 def _plain(tensor: torch.Tensor) -> torch.Tensor:
@@ -352,8 +365,9 @@ def train(
             t0 = time.monotonic()
             lr = optimizer.param_groups[0]["lr"]
             target_iters = config.iterations_per_epoch or len(loader)
+            waits: list[float] = []  # seconds spent waiting for each batch: the loader's stalls
             while len(losses) < target_iters:
-                for batch in loader:
+                for batch in _timed(loader, waits):
                     # Plain tensors: MONAI's MetaTensor adds work to every operation, and torch.compile refuses it.
                     image, label = _plain(batch["image"]).to(dev), _plain(batch["label"]).to(dev)
                     optimizer.zero_grad(set_to_none=True)
@@ -366,11 +380,16 @@ def train(
                     nn.utils.clip_grad_norm_(net.parameters(), 12.0)
                     scaler.step(optimizer)
                     scaler.update()
-                    losses.append(float(loss.detach()))
+                    losses.append(loss.detach())  # no host-device sync per step
                     if len(losses) >= target_iters:
                         break
             scheduler.step()
-            record: dict[str, float] = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": lr}
+            train_seconds = time.monotonic() - t0
+            record: dict[str, float] = {
+                "epoch": epoch + 1, "train_loss": float(torch.stack(losses).float().mean()), "lr": lr,
+                "iterations_per_second": len(losses) / train_seconds,
+                "data_wait_fraction": sum(waits) / train_seconds,  # of the training time, waiting for batches
+            }
             # Stop now (after validating) if one more epoch as long as the longest so far would end past the budget.
             stopping = out_of_time(time.monotonic() - started, [h["epoch_seconds"] for h in history],
                                    config.max_minutes * 60 if config.max_minutes else None)

@@ -48,6 +48,9 @@ def test_train_writes_checkpoints_and_history(prepared: Path, tmp_path: Path) ->
     history = __import__("json").loads((tmp_path / "fold_0" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert max(h["val_dice"] for h in history) == pytest.approx(result.best_dice)
+    for h in history:  # throughput and the loader's stalls, for the GPU checks of docs/benchmarks.md
+        assert h["iterations_per_second"] > 0
+        assert 0 <= h["data_wait_fraction"] < 1
     assert result.model_uri == str((tmp_path / "fold_0" / "best.pt").resolve())
     assert not list((tmp_path / "fold_0").glob(".*"))  # no temporary files left behind
 
