@@ -256,8 +256,8 @@ def decide(fingerprint: Fingerprint, spacings: np.ndarray, shapes: np.ndarray, p
         if len(config.patch_size) != 3:
             raise DataError(f"plan.patch_size: expected 3 values (1 on the slice axis for 2D), found {config.patch_size}")
         patch = tuple(int(p) for p in config.patch_size)
-        topo, _ = topology(target[axes], [patch[a] for a in axes], **topo_kwargs)
-        sample, fixed = estimate(topo, tuple(int(np.ceil(patch[a] / d)) * d for a, d in zip(axes, topo.divisor)))
+        topo, padded = topology(target[axes], [patch[a] for a in axes], **topo_kwargs)
+        sample, fixed = estimate(topo, padded)  # counted at the patch the network will see
         decisions["patch_size"] = "set in the config"
     else:
         choice = fit_patch(target[axes], resampled[axes], budget, estimate, **topo_kwargs)
