@@ -11,7 +11,7 @@ CORES ?= all
 RESULTS ?= data/results
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test venv clean-results bench-ingest
+.PHONY: demo test venv clean-results bench-ingest bench-loader bench-accuracy bench-deps
 
 venv: $(VENV)/.installed
 
@@ -33,10 +33,25 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest
 
-# DICOM to NIfTI: medseg against dcm2niix and dicom2nifti on $MEDSEG_DATA/dicom (docs/benchmarks.md)
-bench-ingest: venv
-	$(BIN)/python -c "import dcm2niix, dicom2nifti" 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[bench]'
+# The peers of the benchmarks (docs/benchmarks.md): dcm2niix, dicom2nifti, nnU-Net v2. torch stays at
+# $(TORCH): nnunetv2 would otherwise upgrade it through timm and torchvision, which nnU-Net's default
+# trainer does not import; they are removed again, as a torchvision built for another torch breaks on import.
+bench-deps: venv
+	$(BIN)/python -c "import dcm2niix, dicom2nifti, nnunetv2" 2>/dev/null || { \
+	  $(BIN)/python -m pip install --quiet -e '.[bench]' "$(TORCH)" && \
+	  $(BIN)/python -m pip uninstall --quiet -y torchvision timm; }
+
+# DICOM to NIfTI: medseg against dcm2niix and dicom2nifti on $MEDSEG_DATA/dicom
+bench-ingest: bench-deps
 	$(BIN)/python bench/ingest.py
+
+# Augmented training samples per second: medseg's loader against nnU-Net's (hippocampus)
+bench-loader: bench-deps
+	$(BIN)/python bench/loader.py
+
+# Validation Dice against wall time: medseg against nnU-Net v2, 30 minutes each on the CPU (hippocampus)
+bench-accuracy: bench-deps
+	$(BIN)/python bench/accuracy.py
 
 clean-results:
 	rm -rf $(RESULTS) .snakemake

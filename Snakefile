@@ -1,4 +1,5 @@
-# medseg workflow: ingest -> plan -> preprocess -> train (per fold) -> predict (per fold) -> evaluate.
+# medseg workflow: ingest -> plan -> preprocess -> train (per fold) -> predict (per fold) -> evaluate
+# [-> select, against other finished runs named in select.compare_with].
 #
 #   snakemake --cores all --configfile configs/experiments/hippocampus.yaml --config dataset=<folder>
 #
@@ -25,9 +26,11 @@ include: "pipelines/preprocess.smk"
 include: "pipelines/train.smk"
 include: "pipelines/predict.smk"
 include: "pipelines/evaluate.smk"
+include: "pipelines/select.smk"
 
 
 rule all:
     input:
         f"{RESULTS}/evaluation/summary.json",
+        [f"{RESULTS}/selection.json"] if CFG["select"]["compare_with"] else [],
     default_target: True

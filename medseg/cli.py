@@ -145,6 +145,23 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"evaluated {result.n_cases} cases: mean Dice {dice:.4f} -> {result.out_dir}")
 
 
+def cmd_select(args: argparse.Namespace) -> None:
+    from medseg.errors import ConfigError
+    from medseg.stages.select import select
+
+    candidates: dict[str, Path] = {}
+    for item in args.candidate:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise ConfigError(f"select: expected --candidate NAME=RESULTS_FOLDER, found {item!r}")
+        if name in candidates:
+            raise ConfigError(f"select: candidate name '{name}' given twice; expected distinct names")
+        candidates[name] = Path(folder)
+    result = select(candidates, args.output)
+    scores = ", ".join(f"{n} {d:.4f}" for n, d in result.scores.items())
+    print(f"chose {result.chosen} (mean Dice {scores}) -> {result.path}")
+
+
 def cmd_schema(args: argparse.Namespace) -> None:
     import json
 
@@ -240,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model.json files of the trainings to log the evaluation to (MLflow)")
     p.add_argument("--tracking-uri")
     _config_args(p)
+
+    p = add("select", cmd_select, "choose the best of several finished runs (2D against 3D, networks) by "
+            "cross-validated Dice")
+    p.add_argument("--candidate", action="append", default=[], required=True, metavar="NAME=RESULTS",
+                   help="a finished run's results folder (repeat: at least 2)")
+    p.add_argument("--output", type=Path, required=True, help="the selection.json to write")
 
     p = add("schema", cmd_schema, "print the JSON schema of the workflow config")
     p.add_argument("--output", type=Path)

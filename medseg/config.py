@@ -107,6 +107,11 @@ class AugmentConfig(StrictModel):
     intensity_prob: float = Field(default=0.15, ge=0, le=1, description="Scale and shift intensities.")
     noise_prob: float = Field(default=0.1, ge=0, le=1)
     gamma_prob: float = Field(default=0.15, ge=0, le=1)
+    blur_prob: float = Field(default=0.0, ge=0, le=1, description="Gaussian blur, sigma 0.5-1 voxel (nnU-Net: 0.2).")
+    lowres_prob: float = Field(
+        default=0.0, ge=0, le=1,
+        description="Simulated low resolution: zoomed to 0.5-1 of its size and back (nnU-Net: 0.25).",
+    )
 
 
 # The settings of each network (``medseg.networks``); a setting of another network is refused.
@@ -185,6 +190,10 @@ class TrainConfig(StrictModel):
     val_every: int = Field(default=5, ge=1, description="Validate every N epochs (and after the last).")
     seed: int = 0
     num_workers: int = Field(default=1, ge=0, description="DataLoader worker processes.")
+    augment_device: Literal["auto", "loader", "device"] = Field(
+        default="auto", description="Where the augmentation after the crop runs: in the loader (CPU processes), or on "
+        "the training device, each batch's samples there; auto = the device when it is a GPU.",
+    )
     cache: Literal["auto", "memory", "disk"] = Field(
         default="auto", description="Training cases kept in memory, or read from disk per sample (bounded memory); "
         "auto = memory when they fit cache_max_gb.",
@@ -235,6 +244,23 @@ class EvaluateConfig(StrictModel):
     surface_tolerance_mm: float = Field(default=1.0, gt=0, description="Tolerance of the surface Dice.")
 
 
+class SelectConfig(StrictModel):
+    """Choosing the best of several configurations by cross-validated Dice (``medseg select``)."""
+
+    name: str = Field(default="this", min_length=1, description="This run's name among the candidates.")
+    compare_with: dict[str, str] = Field(
+        default_factory=dict,
+        description="Other finished runs to compare this one with: name -> results folder. When set, the "
+        "workflow also writes <results>/selection.json, the best of them all by cross-validated Dice.",
+    )
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> SelectConfig:
+        if self.name in self.compare_with:
+            raise ValueError(f"'{self.name}' names this run and one in compare_with; expected distinct names")
+        return self
+
+
 class TrackingConfig(StrictModel):
     """MLflow."""
 
@@ -265,6 +291,7 @@ class WorkflowConfig(StrictModel):
     train: TrainConfig = TrainConfig()
     predict: PredictConfig = PredictConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    select: SelectConfig = SelectConfig()
     tracking: TrackingConfig = TrackingConfig()
 
 

@@ -227,7 +227,13 @@ def train(
 
     from medseg import distributed
     from medseg.losses import DiceCELoss
-    from medseg.transforms import training_augmentation
+    from medseg.transforms import (
+        Untracked,
+        augment_batch,
+        crop_steps,
+        random_steps,
+        training_augmentation,
+    )
 
     config = config or TrainConfig()
     tracking = tracking or Tracking(uri=None)
@@ -293,9 +299,17 @@ def train(
     log.info("fold %d: training cases in %s: %s", fold, cache_mode, cache_why)
     train_cases = caching.training_items(preprocessed_dir, split["train"], cache_mode)
     kept_val = [load_case(preprocessed_dir, c) for c in split["val"]] if cache_mode == "memory" else None
-    augment = training_augmentation(roi, config.augment, dims=plan.dims)
+    on_device = config.augment_device == "device" or (config.augment_device == "auto" and dev.type == "cuda")
+    device_augment: Untracked | None = None
+    if on_device:  # the loader crops; the rest runs on the training device
+        augment = Untracked(Compose(crop_steps(roi, config.augment)))
+        device_augment = Untracked(Compose(random_steps(roi, config.augment, dims=plan.dims)))
+    else:
+        augment = training_augmentation(roi, config.augment, dims=plan.dims)
+    log.info("fold %d: augmentation %s", fold, f"on {dev}, after a crop in the loader" if on_device else "in the loader")
     # Read-then-augment as one flat chain: its random transforms get the same seeds as augment's alone would.
-    transform = augment if cache_mode == "memory" else Compose([caching.LoadPreprocessed(), *augment.transforms])
+    transform = (augment if cache_mode == "memory"
+                 else Untracked(Compose([caching.LoadPreprocessed(), *augment.transforms])))
     dataset = Dataset(train_cases, transform=transform)
     batch_size = distributed.share_of_batch(min(plan.batch_size, len(train_cases)), procs)
     sampler = (DistributedSampler(dataset, num_replicas=procs.world_size, rank=procs.rank, shuffle=True,
@@ -354,6 +368,8 @@ def train(
             seed = config.seed + epoch + 100_003 * procs.rank  # each process augments its own samples
             set_determinism(seed=seed)
             transform.set_random_state(seed=seed)
+            if device_augment is not None:
+                device_augment.set_random_state(seed=seed + 7_919)
             if sampler is not None:
                 sampler.set_epoch(epoch)
             loader = DataLoader(
@@ -370,6 +386,8 @@ def train(
                 for batch in _timed(loader, waits):
                     # Plain tensors: MONAI's MetaTensor adds work to every operation, and torch.compile refuses it.
                     image, label = _plain(batch["image"]).to(dev), _plain(batch["label"]).to(dev)
+                    if device_augment is not None:
+                        image, label = augment_batch(device_augment, image, label)
                     optimizer.zero_grad(set_to_none=True)
                     with torch.autocast(device_type=dev.type, dtype=amp_dtype, enabled=use_amp):
                         loss = loss_fn(forward(image), label)

@@ -335,3 +335,27 @@ def test_cases_read_from_disk_train_as_those_kept_in_memory(prepared: Path, tmp_
     assert [h["val_dice"] for h in a["history"]] == [h["val_dice"] for h in b["history"]]
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0)
+
+
+def test_augmentation_on_the_device_trains_and_resumes_the_same(prepared: Path, tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """augment_device=device: the loader crops, the training device augments each batch (here the CPU,
+    the same code as on a GPU); its own seeds per epoch keep a resumed run equal to a straight one."""
+    import logging
+
+    config = TINY.model_copy(update={"augment_device": "device"})
+    with caplog.at_level(logging.INFO, logger="medseg.stages.train"):
+        _train(prepared, tmp_path / "straight", config)
+    assert "augmentation on cpu, after a crop in the loader" in caplog.text
+    _train(prepared, tmp_path / "resumed", config, stop_after_epoch=1)
+    _train(prepared, tmp_path / "resumed", config, resume=True)
+    loader = _train(prepared, tmp_path / "loader", TINY.model_copy(update={"augment_device": "loader"}))
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    c = torch.load(tmp_path / "loader" / "last.pt", weights_only=False)
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0)
+    losses = [h["train_loss"] for h in a["history"]]
+    assert losses == [h["train_loss"] for h in b["history"]] and all(np.isfinite(losses))
+    assert losses != [h["train_loss"] for h in c["history"]]  # other random draws than in the loader
+    assert loader.epochs_run == 3

@@ -273,3 +273,10 @@ def test_deep_merge_does_not_modify_its_inputs() -> None:
     merged["b"]["d"]["e"] = 99
     merged["b"]["c"] = 99
     assert base == base_copy
+
+
+def test_select_refuses_this_run_among_the_others() -> None:
+    with pytest.raises(ConfigError, match="'3d' names this run and one in compare_with; expected distinct names"):
+        validate(WorkflowConfig, {"select": {"name": "3d", "compare_with": {"3d": "elsewhere"}}}, "test")
+    chosen = validate(WorkflowConfig, {"select": {"name": "3d", "compare_with": {"2d": "data/results-2d"}}}, "test")
+    assert chosen.select.compare_with == {"2d": "data/results-2d"}

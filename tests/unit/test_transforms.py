@@ -340,3 +340,88 @@ def test_augmentation_2d_patch() -> None:
     out = _augment(_sample(), seed=1, patch=(16, 16, 1), dims=2)
     assert tuple(out[0]["image"].shape) == (1, 16, 16, 1)
     assert tuple(out[0]["label"].shape) == (1, 16, 16, 1)
+
+
+OFF = {"flip_prob": 0, "affine_prob": 0, "intensity_prob": 0, "noise_prob": 0, "gamma_prob": 0}
+
+
+def test_augmentation_gives_plain_tensors_and_restores_meta_tracking() -> None:
+    from monai.data import MetaTensor, get_track_meta
+
+    out = _augment(_sample(), seed=1)[0]
+    assert type(out["image"]) is torch.Tensor and type(out["label"]) is torch.Tensor
+    assert not isinstance(out["image"], MetaTensor)
+    assert get_track_meta()  # switched off for the call only
+
+
+def test_untracked_restores_meta_tracking_after_an_error() -> None:
+    from monai.data import get_track_meta
+    from monai.transforms import Compose
+
+    from medseg.transforms import Untracked
+
+    def fail(_: object) -> None:
+        assert not get_track_meta()
+        raise ValueError("a failing step")
+
+    with pytest.raises(RuntimeError, match="applying transform") as raised:  # MONAI wraps the step's error
+        Untracked(Compose([fail]))({"image": np.zeros((1, 2, 2, 2))})
+    assert isinstance(raised.value.__cause__, ValueError)
+    assert get_track_meta()
+
+
+def _crop_and(seed: int, **settings: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(plain crop image, augmented image, augmented label) of the same seed: the crop draws first."""
+    sample = _sample()
+    plain = _augment(sample, seed=seed, augment=AugmentConfig(**OFF))[0]
+    out = _augment(sample, seed=seed, augment=AugmentConfig(**OFF, **settings))[0]
+    np.testing.assert_array_equal(np.asarray(out["label"]), np.asarray(plain["label"]))  # intensity only
+    return np.asarray(plain["image"]), np.asarray(out["image"]), np.asarray(out["label"])
+
+
+def test_blur_smooths_the_image_only() -> None:
+    plain, blurred, _ = _crop_and(2, blur_prob=1.0)
+    # white noise blurred with sigma 0.5-1: neighbours become correlated, the spread shrinks
+    assert blurred.std() < 0.8 * plain.std()
+    assert abs(blurred.mean() - plain.mean()) < 0.1
+    neighbours = np.corrcoef(blurred[0, :-1].ravel(), blurred[0, 1:].ravel())[0, 1]
+    assert neighbours > 0.3 > abs(np.corrcoef(plain[0, :-1].ravel(), plain[0, 1:].ravel())[0, 1])
+
+
+def test_low_resolution_keeps_shape_and_changes_the_image_only() -> None:
+    plain, low, _ = _crop_and(4, lowres_prob=1.0)
+    assert low.shape == plain.shape
+    assert not np.allclose(low, plain)
+    neighbours = np.corrcoef(low[0, :-1].ravel(), low[0, 1:].ravel())[0, 1]
+    assert neighbours > 0.3  # zoomed down and back up: neighbouring voxels repeat or interpolate
+
+
+def test_blur_and_low_resolution_keep_a_2d_patch() -> None:
+    out = _augment(_sample(), seed=1, patch=(16, 16, 1), dims=2,
+                   augment=AugmentConfig(**OFF, blur_prob=1.0, lowres_prob=1.0))[0]
+    assert tuple(out["image"].shape) == (1, 16, 16, 1)
+    assert tuple(out["label"].shape) == (1, 16, 16, 1)
+
+
+def test_augment_batch_applies_the_chain_to_each_sample() -> None:
+    from monai.transforms import Compose, RandFlipd
+
+    from medseg.transforms import Untracked, augment_batch
+
+    image = torch.arange(2 * 1 * 2 * 3 * 4, dtype=torch.float32).reshape(2, 1, 2, 3, 4)
+    label = (image > 20).to(torch.uint8)
+    chain = Untracked(Compose([RandFlipd(keys=["image", "label"], prob=1.0, spatial_axis=2)]))
+    out_image, out_label = augment_batch(chain, image, label)
+    torch.testing.assert_close(out_image, image.flip(-1))
+    torch.testing.assert_close(out_label, label.flip(-1))
+    assert type(out_image) is torch.Tensor
+
+
+def test_split_chains_hold_the_steps_of_the_whole_chain() -> None:
+    from medseg.transforms import crop_steps, random_steps
+
+    augment = AugmentConfig(blur_prob=0.2, lowres_prob=0.25)
+    whole = training_augmentation((16, 16, 16), augment, dims=3).transforms
+    split = [*crop_steps((16, 16, 16), augment), *random_steps((16, 16, 16), augment, dims=3)]
+    assert [type(t).__name__ for t in whole] == [type(t).__name__ for t in split]
+    assert type(split[1]).__name__ == "RandCropByPosNegLabeld"

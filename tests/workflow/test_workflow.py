@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -168,3 +169,33 @@ def test_train_change_reruns_only_train_and_after(finished: Path, venv_bin: Path
     change.write_text("train:\n  epochs: 3\n")
     proc = snakemake(venv_bin, finished, "-n", "--config", f"dataset={finished / 'hippo'}", configs=(change,))
     assert planned_rules(proc.stdout + proc.stderr) == {"all": 1, "train": 1, "predict": 1, "evaluate": 1}
+
+
+def test_select_compares_with_another_finished_run(finished: Path, venv_bin: Path) -> None:
+    """select.compare_with adds one job: this run against another run's out-of-fold evaluation."""
+    import csv
+
+    results = finished / "data" / "results"
+    other = finished / "worse"  # another run: the same cases, every Dice 0.1 lower
+    (other / "evaluation").mkdir(parents=True)
+    (other / "train" / "fold_0").mkdir(parents=True)
+    shutil.copyfile(results / "train" / "fold_0" / "model.json", other / "train" / "fold_0" / "model.json")
+    with (results / "evaluation" / "metrics.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        row["dice"] = str(float(row["dice"]) - 0.1)
+    with (other / "evaluation" / "metrics.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    change = finished / "select.yaml"
+    change.write_text(f"select:\n  name: smoke\n  compare_with:\n    worse: {other}\n")
+    args = ("--config", f"dataset={finished / 'hippo'}")
+    proc = snakemake(venv_bin, finished, "-n", *args, configs=(change,))
+    assert planned_rules(proc.stdout + proc.stderr) == {"all": 1, "select": 1}
+    snakemake(venv_bin, finished, *args, configs=(change,))
+    selection = json.loads((results / "selection.json").read_text())
+    assert selection["chosen"] == "smoke"
+    assert selection["margin"] == pytest.approx(0.1, abs=1e-9)
+    mean = json.loads((results / "evaluation" / "summary.json").read_text())["mean_dice"]
+    assert selection["candidates"]["smoke"]["mean_dice"] == pytest.approx(mean, abs=1e-9)
