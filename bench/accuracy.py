@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,11 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 log = logging.getLogger("bench.accuracy")
 
 MEDSEG_PARAMS = {"epochs": 130, "val_every": 5}
-DEMO = REPO / "configs" / "experiments" / "hippocampus.yaml"
 
 
 def run_medseg(work: Path, minutes: float, params: dict[str, Any]) -> dict[str, Any]:
-    from loader import medseg_data
+    from common import DEMO, medseg_data, timed_train
 
     from medseg.config import PredictConfig, load_workflow_config
     from medseg.stages.evaluate import evaluate
@@ -55,23 +53,10 @@ def run_medseg(work: Path, minutes: float, params: dict[str, Any]) -> dict[str, 
                      load_workflow_config(DEMO).plan).plan_path
     out = work / "medseg" / f"train-{time.strftime('%Y%m%d-%H%M%S')}"
     params = {"max_minutes": minutes, **params}
-    cmd = [str(Path(sys.executable).parent / "medseg"), "train", "--preprocessed", str(pre), "--plan", str(plan_path),
-           "--splits", str(splits), "--fold", "0", "--output", str(out / "fold_0"), "--no-tracking",
-           "--config", str(DEMO), "--params", json.dumps(params)]
-    log.info("medseg: %s", " ".join(cmd))
-    start = time.monotonic()
-    subprocess.run(cmd, check=True, cwd=REPO)
-    train_s = time.monotonic() - start
-    history = json.loads((out / "fold_0" / "history.json").read_text())
-    # Each epoch records its own seconds; what the command spent outside epochs (imports, cases read,
-    # model written) is put before the first one.
-    offset = train_s - sum(h["epoch_seconds"] for h in history)
-    curve, elapsed = [], offset
-    for h in history:
-        elapsed += h["epoch_seconds"]
-        if "val_dice" in h:
-            curve.append({"seconds": elapsed, "epoch": h["epoch"], "mean": h["val_dice"],
-                          **{k.removeprefix("val_dice_").lower(): v for k, v in h.items() if k.startswith("val_dice_")}})
+    _, train_s, history = timed_train(pre, plan_path, splits, out / "fold_0", params)
+    curve = [{"seconds": h["seconds"], "epoch": h["epoch"], "mean": h["val_dice"],
+              **{k.removeprefix("val_dice_").lower(): v for k, v in h.items() if k.startswith("val_dice_")}}
+             for h in history if "val_dice" in h]
     start = time.monotonic()
     val = load_splits(splits, 0)["val"]
     manifest = work / "medseg" / "ingest" / "manifest.json"
@@ -166,7 +151,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     import nnunet
-    from loader import medseg_data
+    from common import medseg_data
 
     nnunet.set_environment(args.work / "nnunet")  # before nnunetv2 is imported
     _, _, splits = medseg_data(args.data, args.work)

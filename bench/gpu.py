@@ -67,31 +67,22 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     import torch
-    from loader import medseg_data
+    from common import medseg_data, timed_train
 
     pre, plan_path, splits = medseg_data(args.data, args.work)  # the plan of this machine (GPU memory)
     out = args.work / f"train-{time.strftime('%Y%m%d-%H%M%S')}"
-    params = {"max_minutes": args.minutes, **args.params}
-    cmd = [str(Path(sys.executable).parent / "medseg"), "train", "--preprocessed", str(pre), "--plan", str(plan_path),
-           "--splits", str(splits), "--fold", "0", "--output", str(out), "--no-tracking",
-           "--config", str(REPO / "configs" / "experiments" / "hippocampus.yaml"), "--params", json.dumps(params)]
     out.mkdir(parents=True, exist_ok=True)
     sampler = sample_gpu(out / "nvidia-smi.csv")
-    started = time.time()
+    params = {"max_minutes": args.minutes, **args.params}
     try:
-        subprocess.run(cmd, check=True, cwd=REPO)
+        started, wall, history = timed_train(pre, plan_path, splits, out, params)
     finally:
         if sampler is not None:
             sampler.terminate()
             sampler.wait()
-    wall = time.time() - started
-    history = json.loads((out / "history.json").read_text())
-    offset = wall - sum(h["epoch_seconds"] for h in history)  # imports and reading before the first epoch
-    elapsed, reached, begin = offset, None, started + offset
-    for h in history:
-        elapsed += h["epoch_seconds"]
-        if reached is None and h.get("val_dice", 0.0) >= args.target:
-            reached = {"seconds": elapsed, "epoch": h["epoch"], "val_dice": h["val_dice"]}
+    begin = started + history[0]["seconds"] - history[0]["epoch_seconds"]  # the first epoch's start
+    reached = next(({"seconds": h["seconds"], "epoch": h["epoch"], "val_dice": h["val_dice"]} for h in history
+                    if h.get("val_dice", 0.0) >= args.target), None)
     util: dict[str, Any] = {}
     if sampler is not None:
         rows = [r for r in read_samples(out / "nvidia-smi.csv") if begin <= r[0] <= started + wall]

@@ -46,20 +46,6 @@ NNUNET_LIKE = {
 }
 
 
-def medseg_data(msd: Path, work: Path) -> tuple[Path, Path, Path]:
-    """medseg's preprocessed cases, plan and splits under ``work/medseg`` (made once)."""
-    from medseg.stages.ingest import ingest
-    from medseg.stages.plan import plan
-    from medseg.stages.preprocess import preprocess
-
-    out = work / "medseg"
-    if not (out / "preprocessed" / "index.json").exists():
-        ingest(msd, out / "ingest", workers=os.cpu_count() or 1)
-        plan(out / "ingest" / "manifest.json", out / "plan")
-        preprocess(out / "ingest" / "manifest.json", out / "plan" / "plan.json", out / "preprocessed")
-    return out / "preprocessed", out / "plan" / "plan.json", out / "plan" / "splits.json"
-
-
 def medseg_loader(pre: Path, plan_path: Path, splits: Path, augment: dict[str, Any], workers: int,
                   seed: int) -> tuple[Iterator[Any], int, tuple[int, ...], Callable[[], None]]:
     from monai.data import DataLoader, Dataset
@@ -144,6 +130,7 @@ def main() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
     import nnunet
+    from common import medseg_data
 
     nnunet.set_environment(args.work / "nnunet")  # before nnunetv2 is imported
     import torch

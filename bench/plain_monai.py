@@ -20,8 +20,14 @@ from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
 from monai.networks.nets import UNet
 from monai.networks.utils import one_hot
-from monai.transforms import (Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd, RandFlipd,
-                              SpatialPadd)
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    LoadImaged,
+    NormalizeIntensityd,
+    RandFlipd,
+    SpatialPadd,
+)
 from monai.utils import set_determinism
 
 PATCH = (48, 64, 48)  # every case fits (largest 41 x 59 x 47)
