@@ -11,7 +11,7 @@ CORES ?= all
 RESULTS ?= data/results
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test venv clean-results bench-ingest bench-loader bench-accuracy bench-deps
+.PHONY: demo test venv clean-results bench-ingest bench-loader bench-accuracy bench-channels bench-deps
 
 venv: $(VENV)/.installed
 
@@ -52,6 +52,10 @@ bench-loader: bench-deps
 # Validation Dice against wall time: medseg against nnU-Net v2, 30 minutes each on the CPU (hippocampus)
 bench-accuracy: bench-deps
 	$(BIN)/python bench/accuracy.py
+
+# Training steps per second in the default and in channels-last memory order (train.channels_last)
+bench-channels: venv
+	$(BIN)/python bench/channels.py
 
 clean-results:
 	rm -rf $(RESULTS) .snakemake

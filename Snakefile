@@ -1,5 +1,6 @@
 # medseg workflow: ingest -> plan -> preprocess -> train (per fold) -> predict (per fold) -> evaluate
-# [-> select, against other finished runs named in select.compare_with].
+# [-> select: this run against the other configurations of select.configurations, which the workflow
+# trains and evaluates the same way, and against finished runs named in select.compare_with].
 #
 #   snakemake --cores all --configfile configs/experiments/hippocampus.yaml --config dataset=<folder>
 #
@@ -32,5 +33,5 @@ include: "pipelines/select.smk"
 rule all:
     input:
         f"{RESULTS}/evaluation/summary.json",
-        [f"{RESULTS}/selection.json"] if CFG["select"]["compare_with"] else [],
+        [f"{RESULTS}/selection.json"] if SELECTING else [],
     default_target: True

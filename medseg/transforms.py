@@ -119,9 +119,10 @@ def crop_steps(patch_size: Sequence[int], augment: AugmentConfig) -> list[Any]:
     ]
 
 
-def random_steps(patch_size: Sequence[int], augment: AugmentConfig, *, dims: int) -> list[Any]:
+def random_steps(patch_size: Sequence[int], augment: AugmentConfig, *, dims: int,
+                 mirror_axes: Sequence[int] | None = None) -> list[Any]:
     """The spatial and intensity augmentation of a cropped patch (any device: MONAI's transforms keep
-    a tensor where it is)."""
+    a tensor where it is). Flips only along ``mirror_axes`` (the plan's; None = every spatial axis)."""
     import math
 
     from monai.transforms import (
@@ -153,7 +154,8 @@ def random_steps(patch_size: Sequence[int], augment: AugmentConfig, *, dims: int
             )
         )
     if augment.flip_prob > 0:
-        steps += [RandFlipd(keys=keys, prob=augment.flip_prob, spatial_axis=a) for a in spatial_axes]
+        flipped = [a for a in spatial_axes if mirror_axes is None or a in mirror_axes]
+        steps += [RandFlipd(keys=keys, prob=augment.flip_prob, spatial_axis=a) for a in flipped]
     if augment.intensity_prob > 0:
         steps.append(RandScaleIntensityd(keys="image", factors=0.1, prob=augment.intensity_prob))
         steps.append(RandShiftIntensityd(keys="image", offsets=0.1, prob=augment.intensity_prob))
@@ -170,12 +172,14 @@ def random_steps(patch_size: Sequence[int], augment: AugmentConfig, *, dims: int
     return steps
 
 
-def training_augmentation(patch_size: Sequence[int], augment: AugmentConfig, *, dims: int) -> Untracked:
+def training_augmentation(patch_size: Sequence[int], augment: AugmentConfig, *, dims: int,
+                          mirror_axes: Sequence[int] | None = None) -> Untracked:
     """Crops balanced between foreground and background, then spatial and intensity augmentation,
     on plain tensors (``Untracked``)."""
     from monai.transforms import Compose
 
-    return Untracked(Compose([*crop_steps(patch_size, augment), *random_steps(patch_size, augment, dims=dims)]))
+    steps = random_steps(patch_size, augment, dims=dims, mirror_axes=mirror_axes)
+    return Untracked(Compose([*crop_steps(patch_size, augment), *steps]))
 
 
 def augment_batch(chain: Untracked, image: Any, label: Any) -> tuple[Any, Any]:

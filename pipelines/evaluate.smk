@@ -1,3 +1,10 @@
+# The out-of-fold predictions of all folds, scored together in each scan's own geometry.
+EVALUATE_SHELL = (
+    "medseg evaluate --predictions {input.predictions} --manifest {input.manifest} --output {params.out} "
+    "--model-info {input.infos} --params {params.cfg} --tracking-uri {params.uri} > {log} 2>&1"
+)
+
+
 rule evaluate:
     input:
         predictions=expand(f"{RESULTS}/predictions/fold_{{fold}}", fold=FOLDS),
@@ -14,5 +21,23 @@ rule evaluate:
     log:
         f"{RESULTS}/logs/evaluate/evaluate.log",
     shell:
-        "medseg evaluate --predictions {input.predictions} --manifest {input.manifest} --output {params.out} "
-        "--model-info {input.infos} --params {params.cfg} --tracking-uri {params.uri} > {log} 2>&1"
+        EVALUATE_SHELL
+
+
+rule evaluate_configuration:
+    input:
+        predictions=expand(f"{CONFIGURATION}/predictions/fold_{{fold}}", fold=FOLDS, allow_missing=True),
+        manifest=rules.ingest.output.manifest,
+        infos=expand(f"{CONFIGURATION}/train/fold_{{fold}}/model.json", fold=FOLDS, allow_missing=True),
+    output:
+        summary=f"{CONFIGURATION}/evaluation/summary.json",
+        table=f"{CONFIGURATION}/evaluation/metrics.csv",
+        plot=f"{CONFIGURATION}/evaluation/metrics.png",
+    params:
+        cfg=section_arg(CFG, "evaluate"),
+        uri=TRACKING_URI,
+        out=lambda w, output: os.path.dirname(output.summary),
+    log:
+        f"{RESULTS}/logs/configurations/{{configuration}}/evaluate.log",
+    shell:
+        EVALUATE_SHELL

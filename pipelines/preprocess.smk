@@ -1,3 +1,9 @@
+PREPROCESS_SHELL = (
+    "medseg preprocess --manifest {input.manifest} --plan {input.plan} --output {params.out} "
+    "--params {params.cfg} > {log} 2>&1"
+)
+
+
 rule preprocess:
     input:
         manifest=rules.ingest.output.manifest,
@@ -11,5 +17,20 @@ rule preprocess:
     log:
         f"{RESULTS}/logs/preprocess/preprocess.log",
     shell:
-        "medseg preprocess --manifest {input.manifest} --plan {input.plan} --output {params.out} "
-        "--params {params.cfg} > {log} 2>&1"
+        PREPROCESS_SHELL
+
+
+rule preprocess_configuration:
+    input:
+        manifest=rules.ingest.output.manifest,
+        plan=rules.plan_configuration.output.plan,
+    output:
+        index=f"{CONFIGURATION}/preprocessed/index.json",
+    params:
+        cfg=configuration_section(CONFIGURATIONS, "preprocess"),
+        out=lambda w, output: os.path.dirname(output.index),
+    threads: lambda w: CONFIGURATIONS[w.configuration]["preprocess"]["workers"]
+    log:
+        f"{RESULTS}/logs/configurations/{{configuration}}/preprocess.log",
+    shell:
+        PREPROCESS_SHELL

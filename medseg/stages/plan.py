@@ -16,6 +16,15 @@ records every choice and why, under ``decisions``:
   a batch of 2 fits the budget; the memory is counted on the planned network
   (``medseg.memory``). The batch is what the budget holds, at most 5% of the dataset's voxels,
   at least 2. In 2D the same rules run on the two in-plane axes and the coarse axis gets 1.
+- **Mirror axes** (the flips of training augmentation and of test-time augmentation): every axis,
+  as nnU-Net, by default. With ``mirror_axes: auto``, every axis but those along which two
+  foreground classes keep a fixed order. For each pair of classes, the fingerprint measures, per
+  RAS axis, the offset between their centroids in every case that holds both. An axis is not
+  mirrored when some pair lies on the same side of each other in at least
+  ``MIRROR_CONSISTENCY`` of those cases and at least one target voxel apart on average
+  (hippocampus: the posterior part behind, above and beside the anterior part). Mirroring along
+  it would show the network layouts the data never show. With fewer than two foreground classes
+  every axis is mirrored. With the default, the decision says what ``auto`` would leave out.
 - **Normalization**: CT clips each channel to the 0.5 and 99.5 percentiles of the foreground
   intensities of all cases, then subtracts their mean and divides by their standard deviation;
   any other modality is z-scored per case and channel.
@@ -27,7 +36,7 @@ Outputs: ``plan.json`` (a ``Plan``) and ``splits.json`` (one ``{"train", "val"}`
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -49,6 +58,21 @@ log = logging.getLogger(__name__)
 FOREGROUND_SAMPLES_PER_CASE = 10_000
 
 
+MIRROR_CONSISTENCY = 0.9
+
+
+class ClassOrder(BaseModel):
+    """Along one RAS axis, the pair of foreground classes with the most constant order: class
+    ``classes[1]``'s centroid minus class ``classes[0]``'s, over the ``cases`` holding both."""
+
+    model_config = ConfigDict(extra="forbid")
+    axis: int
+    classes: tuple[int, int]
+    cases: int
+    mean_offset_mm: float
+    same_side: float  # the share of those cases whose offset has the sign of the mean
+
+
 class Fingerprint(BaseModel):
     model_config = ConfigDict(extra="forbid")
     n_cases: int
@@ -59,6 +83,7 @@ class Fingerprint(BaseModel):
     shape_max: list[int]
     foreground_intensity: list[dict[str, float]]
     class_frequency: dict[int, float]
+    class_order: list[ClassOrder] = []
 
 
 class NetworkTopology(BaseModel):
@@ -86,6 +111,7 @@ class Plan(BaseModel):
     ct_std: list[float] | None = None
     dims: Literal[2, 3]
     median_shape_resampled: list[int]
+    mirror_axes: tuple[int, ...] | None = None  # None: a plan from before plans had it; every axis
     topology: NetworkTopology | None = None
     memory_budget_gb: float | None = None
     estimated_memory_gb: float | None = None  # the planned network's training at this patch and batch
@@ -145,6 +171,7 @@ def _fingerprint(records: list[CaseRecord], root: Path, n_classes: int, seed: in
     channels = records[0].channels
     samples: list[list[np.ndarray]] = [[] for _ in range(channels)]
     class_voxels = np.zeros(n_classes, dtype=np.int64)
+    order = _OrderCounts(n_classes)
     for record in records:
         for value, count in (record.label_voxels or {}).items():
             if value < n_classes:
@@ -155,6 +182,7 @@ def _fingerprint(records: list[CaseRecord], root: Path, n_classes: int, seed: in
         fg = label > 0
         if not fg.any():
             continue
+        order.add(label, fg, np.asarray(record.affine, dtype=float))
         image = np.asanyarray(load_nifti(root / record.image).dataobj)
         image = image[..., None] if image.ndim == 3 else image
         for c in range(channels):
@@ -180,8 +208,64 @@ def _fingerprint(records: list[CaseRecord], root: Path, n_classes: int, seed: in
         shape_max=shapes_arr.max(axis=0).tolist(),
         foreground_intensity=foreground,
         class_frequency={k: float(class_voxels[k]) / total for k in range(n_classes)},
+        class_order=order.most_constant(),
     )
     return fingerprint, spacings_arr, shapes_arr, pooled
+
+
+class _OrderCounts:
+    """Per pair of foreground classes and RAS axis: the cases holding both, the sum of their
+    centroid offsets, and how many offsets were positive and negative."""
+
+    def __init__(self, n_classes: int) -> None:
+        k = max(n_classes - 1, 0)
+        self.cases = np.zeros((k, k), dtype=np.int64)
+        self.offsets = np.zeros((k, k, 3))
+        self.positive = np.zeros((k, k, 3), dtype=np.int64)
+        self.negative = np.zeros((k, k, 3), dtype=np.int64)
+
+    def add(self, label: np.ndarray, fg: np.ndarray, affine: np.ndarray) -> None:
+        from scipy import ndimage
+
+        k = self.cases.shape[0]
+        present = [c for c in np.unique(label[fg]).astype(int).tolist() if 1 <= c <= k]
+        if len(present) < 2:
+            return
+        voxel = np.array(ndimage.center_of_mass(fg, label, present), dtype=float).reshape(len(present), -1)[:, :3]
+        world = voxel @ affine[:3, :3].T + affine[:3, 3]  # NIfTI world coordinates: RAS, in mm
+        idx = np.array(present) - 1
+        offset = world[None, :, :] - world[:, None, :]  # [i, j]: class j's centroid minus class i's
+        rows, cols = np.meshgrid(idx, idx, indexing="ij")
+        self.cases[rows, cols] += 1
+        self.offsets[rows, cols] += offset
+        self.positive[rows, cols] += offset > 0
+        self.negative[rows, cols] += offset < 0
+
+    def most_constant(self) -> list[ClassOrder]:
+        """Per axis, one pair (first class lower): of the pairs whose order holds in at least
+        ``MIRROR_CONSISTENCY`` of their cases the one farthest apart, else the most constant."""
+
+        def rank(o: ClassOrder) -> tuple[int, float]:
+            return (1, abs(o.mean_offset_mm)) if o.same_side >= MIRROR_CONSISTENCY else (0, o.same_side)
+
+        out = []
+        k = self.cases.shape[0]
+        for axis in range(3):
+            best: ClassOrder | None = None
+            for i in range(k):
+                for j in range(i + 1, k):
+                    n = int(self.cases[i, j])
+                    if n == 0:
+                        continue
+                    mean = float(self.offsets[i, j, axis] / n)
+                    side = self.positive[i, j, axis] if mean > 0 else self.negative[i, j, axis]
+                    found = ClassOrder(axis=axis, classes=(i + 1, j + 1), cases=n, mean_offset_mm=round(mean, 3),
+                                       same_side=round(float(side / n), 4))
+                    if best is None or rank(found) > rank(best):
+                        best = found
+            if best is not None:
+                out.append(best)
+        return out
 
 
 GB = 2**30
@@ -202,6 +286,46 @@ def memory_budget(config: PlanConfig) -> tuple[float, str]:
 
 def _fmt(values: Sequence[float]) -> str:
     return "[" + ", ".join(f"{v:g}" for v in values) + "]"
+
+
+AXIS_NAMES = ("R-L", "A-P", "S-I")
+
+
+def _mirror_axes(fingerprint: Fingerprint, target: np.ndarray, axes: Sequence[int], labels: dict[int, str],
+                 config: PlanConfig) -> tuple[tuple[int, ...], str]:
+    """The axes to mirror (of those the network convolves) and why; see the module doc."""
+    fixed = {
+        o.axis: o for o in fingerprint.class_order
+        if o.axis in axes and o.same_side >= MIRROR_CONSISTENCY and abs(o.mean_offset_mm) >= target[o.axis]
+    }
+    reasons = []
+    for axis, o in sorted(fixed.items()):
+        first, second = (labels.get(c, str(c)) for c in o.classes)
+        reasons.append(
+            f"not {AXIS_NAMES[axis]} (axis {axis}): {second} lies on the same side of {first} in "
+            f"{100 * o.same_side:.0f}% of the {o.cases} cases holding both, {abs(o.mean_offset_mm):.1f} mm apart on "
+            f"average, so mirroring would show layouts the data never show"
+        )
+    if config.mirror_axes == "all":
+        why = "every axis, as nnU-Net (plan.mirror_axes: all)"
+        if reasons:
+            why += "; plan.mirror_axes: auto would mirror " + _axis_list(a for a in axes if a not in fixed) + ": "
+            why += "; ".join(reasons)
+        return tuple(axes), why
+    if config.mirror_axes != "auto":
+        return tuple(a for a in sorted(config.mirror_axes) if a in axes), "set in the config"
+    why = "mirrored along " + _axis_list(a for a in axes if a not in fixed)
+    if reasons:
+        why += "; " + "; ".join(reasons)
+    elif len([c for c in labels if c != 0]) < 2:
+        why += ": fewer than two foreground classes, so no order of classes to keep"
+    else:
+        why += f": no two classes keep their order along an axis in {100 * MIRROR_CONSISTENCY:.0f}% of the cases"
+    return tuple(a for a in axes if a not in fixed), why
+
+
+def _axis_list(axes: Iterable[int]) -> str:
+    return ", ".join(f"{AXIS_NAMES[a]} (axis {a})" for a in axes) or "no axis"
 
 
 def decide(fingerprint: Fingerprint, spacings: np.ndarray, shapes: np.ndarray, pooled: list[np.ndarray],
@@ -285,6 +409,7 @@ def decide(fingerprint: Fingerprint, spacings: np.ndarray, shapes: np.ndarray, p
         f"within 2x of the finest spacing, else 1; {config.base_features} feature maps doubling up to "
         f"{config.max_features}"
     )
+    mirror_axes, decisions["mirror_axes"] = _mirror_axes(fingerprint, target, axes, labels, config)
     normalization = config.normalization or ("ct" if modality.upper() == "CT" else "zscore")
     decisions["normalization"] = "set in the config" if config.normalization else (
         "CT: clip to the foreground's 0.5 and 99.5 percentiles, then its mean and deviation" if normalization == "ct"
@@ -309,6 +434,7 @@ def decide(fingerprint: Fingerprint, spacings: np.ndarray, shapes: np.ndarray, p
         normalization=normalization,
         dims=dims,
         median_shape_resampled=[int(round(s)) for s in resampled],
+        mirror_axes=mirror_axes,
         topology=NetworkTopology(strides=topo.strides, kernels=topo.kernels, features=topo.features),
         memory_budget_gb=round(budget_gb, 3),
         estimated_memory_gb=round((batch * sample + fixed) / GB, 3),

@@ -103,10 +103,12 @@ def _write_dicom_seg(mask: np.ndarray, affine: np.ndarray, case: CaseSource, spe
     write_seg(mask, series, target, names=names, description=f"medseg prediction of {case.case_id}")
 
 
-def _flip_sets(roi: Sequence[int], enabled: bool) -> list[tuple[int, ...]]:
+def _flip_sets(roi: Sequence[int], enabled: bool, mirror_axes: Sequence[int] | None = None) -> list[tuple[int, ...]]:
+    """The flips of test-time augmentation (tensor dims of a batch): every combination of the
+    plan's mirror axes (None: every spatial axis) that the network convolves."""
     if not enabled:
         return [()]
-    axes = [2 + i for i, r in enumerate(roi) if r > 1]
+    axes = [2 + i for i, r in enumerate(roi) if r > 1 and (mirror_axes is None or i in mirror_axes)]
     return [combo for n in range(len(axes) + 1) for combo in itertools.combinations(axes, n)]
 
 
@@ -121,7 +123,7 @@ def probabilities(
     count = 0
     with torch.no_grad():
         for net, spec in models:
-            for flips in _flip_sets(spec.roi_size, config.tta_flips):
+            for flips in _flip_sets(spec.roi_size, config.tta_flips, spec.plan.mirror_axes):
                 x = torch.flip(batch, flips) if flips else batch
                 logits = sliding_window_inference(
                     x, spec.roi_size, config.sw_batch_size, net, overlap=config.overlap,

@@ -119,6 +119,14 @@ def out_of_time(elapsed_s: float, epoch_seconds: list[float], budget_s: float | 
     return elapsed_s + max(epoch_seconds, default=0.0) > budget_s
 
 
+def _memory_format(config: TrainConfig, dims: int) -> torch.memory_format:
+    """The memory order of the network's weights and batches: channels-last (``train.channels_last``)
+    or torch's default."""
+    if not config.channels_last:
+        return torch.contiguous_format
+    return torch.channels_last_3d if dims == 3 else torch.channels_last
+
+
 def _optimizer(net: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(
@@ -263,7 +271,8 @@ def train(
         taken = transfer.take_weights(net, config.network, source, source_network, config.init_part,
                                       f"train.init_from={config.init_from}")
         frozen = frozenset(taken.taken)
-    net = net.to(dev)
+    memory_format = _memory_format(config, plan.dims)
+    net = net.to(dev, memory_format=memory_format)
     optimizer = _optimizer(net, config)
     scheduler = _scheduler(optimizer, config)
     use_amp = config.amp and dev.type == "cuda"
@@ -303,9 +312,10 @@ def train(
     device_augment: Untracked | None = None
     if on_device:  # the loader crops; the rest runs on the training device
         augment = Untracked(Compose(crop_steps(roi, config.augment)))
-        device_augment = Untracked(Compose(random_steps(roi, config.augment, dims=plan.dims)))
+        device_augment = Untracked(Compose(random_steps(roi, config.augment, dims=plan.dims,
+                                                        mirror_axes=plan.mirror_axes)))
     else:
-        augment = training_augmentation(roi, config.augment, dims=plan.dims)
+        augment = training_augmentation(roi, config.augment, dims=plan.dims, mirror_axes=plan.mirror_axes)
     log.info("fold %d: augmentation %s", fold, f"on {dev}, after a crop in the loader" if on_device else "in the loader")
     # Read-then-augment as one flat chain: its random transforms get the same seeds as augment's alone would.
     transform = (augment if cache_mode == "memory"
@@ -388,6 +398,7 @@ def train(
                     image, label = _plain(batch["image"]).to(dev), _plain(batch["label"]).to(dev)
                     if device_augment is not None:
                         image, label = augment_batch(device_augment, image, label)
+                    image = image.contiguous(memory_format=memory_format)
                     optimizer.zero_grad(set_to_none=True)
                     with torch.autocast(device_type=dev.type, dtype=amp_dtype, enabled=use_amp):
                         loss = loss_fn(forward(image), label)

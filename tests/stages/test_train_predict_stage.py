@@ -359,3 +359,39 @@ def test_augmentation_on_the_device_trains_and_resumes_the_same(prepared: Path, 
     assert losses == [h["train_loss"] for h in b["history"]] and all(np.isfinite(losses))
     assert losses != [h["train_loss"] for h in c["history"]]  # other random draws than in the loader
     assert loader.epochs_run == 3
+
+
+def test_channels_last_training_learns_the_same_and_saves_loadable_weights(prepared: Path, tmp_path: Path) -> None:
+    """train.channels_last changes only the memory order: the same losses as the default order up to
+    float rounding, a checkpoint that loads into a plain network, and the same predictions from it."""
+    from medseg.stages.train import _memory_format
+
+    assert _memory_format(TINY.model_copy(update={"channels_last": True}), 3) == torch.channels_last_3d
+    assert _memory_format(TINY.model_copy(update={"channels_last": True}), 2) == torch.channels_last
+    assert _memory_format(TINY, 3) == torch.contiguous_format
+    plain = _train(prepared, tmp_path / "plain", TINY.model_copy(update={"epochs": 2}))
+    last = _train(prepared, tmp_path / "last", TINY.model_copy(update={"epochs": 2, "channels_last": True}))
+    a = torch.load(tmp_path / "plain" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "last" / "last.pt", weights_only=False)
+    np.testing.assert_allclose([h["train_loss"] for h in b["history"]], [h["train_loss"] for h in a["history"]],
+                               rtol=1e-4)
+    assert any(v.dim() == 5 and not v.is_contiguous() for v in b["model"].values())  # stored channels-last
+    for key in a["model"]:  # Adam turns rounding-sized gradient differences into steps of up to its rate (1e-3)
+        torch.testing.assert_close(b["model"][key], a["model"][key], rtol=0, atol=5e-3)
+    manifest = prepared / "ingest" / "manifest.json"
+    out_a = predict(manifest, tmp_path / "pred_a", [plain.model_uri], PredictConfig(), device="cpu")
+    out_b = predict(manifest, tmp_path / "pred_b", [last.model_uri], PredictConfig(), device="cpu")
+    assert out_a.written and len(out_a.written) == len(out_b.written)
+    for x, y in zip(sorted(out_a.written), sorted(out_b.written)):
+        same = np.asarray(nib.load(x).dataobj) == np.asarray(nib.load(y).dataobj)
+        assert same.mean() > 0.999
+
+
+def test_test_time_flips_follow_the_plans_mirror_axes() -> None:
+    from medseg.stages.predict import _flip_sets
+
+    assert _flip_sets((8, 8, 8), False, None) == [()]
+    assert len(_flip_sets((8, 8, 8), True, None)) == 8
+    assert _flip_sets((8, 8, 8), True, (0, 2)) == [(), (2,), (4,), (2, 4)]  # tensor dims of (B, C, x, y, z)
+    assert _flip_sets((8, 8, 8), True, ()) == [()]
+    assert _flip_sets((8, 8, 1), True, (1, 2)) == [(), (3,)]  # 2D: the slice axis is never flipped

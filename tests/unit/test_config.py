@@ -276,7 +276,54 @@ def test_deep_merge_does_not_modify_its_inputs() -> None:
 
 
 def test_select_refuses_this_run_among_the_others() -> None:
-    with pytest.raises(ConfigError, match="'3d' names this run and one in compare_with; expected distinct names"):
+    with pytest.raises(ConfigError, match=r"\['3d'\] name more than one of this run, compare_with and configurations"):
         validate(WorkflowConfig, {"select": {"name": "3d", "compare_with": {"3d": "elsewhere"}}}, "test")
+    with pytest.raises(ConfigError, match=r"\['2d'\] name more than one"):
+        validate(WorkflowConfig, {"select": {"compare_with": {"2d": "x"}, "configurations": {"2d": {}}}}, "test")
     chosen = validate(WorkflowConfig, {"select": {"name": "3d", "compare_with": {"2d": "data/results-2d"}}}, "test")
     assert chosen.select.compare_with == {"2d": "data/results-2d"}
+
+
+def test_configurations_merge_their_changes_into_this_run() -> None:
+    from medseg.workflow import configuration_configs, own_preprocessing, train_gpus, train_launcher
+
+    data = {
+        "plan": {"batch_size": 2},
+        "train": {"epochs": 7, "network": {"channels": [8, 16]}},
+        "tracking": {"experiment": "hippo"},
+        "select": {"name": "3d", "configurations": {
+            "2d": {"plan": {"dims": 2}},
+            "deep": {"train": {"network": {"name": "dynunet"}, "processes": 2}},
+        }},
+    }
+    config = validate(WorkflowConfig, data, "test")
+    two_d, deep = config.configuration("2d"), config.configuration("deep")
+    assert (two_d.plan.dims, two_d.plan.batch_size, two_d.train.epochs) == (2, 2, 7)  # the rest is this run's
+    assert deep.train.network.name == "dynunet" and deep.train.epochs == 7 and deep.plan == config.plan
+    assert deep.train.network.channels == (16, 32, 64, 128)  # another network: this run's unet settings dropped
+    assert config.configuration("2d").train.network.channels == (8, 16)
+    assert two_d.tracking.model_name == "medseg-hippo-2d" and two_d.tracking.experiment == "hippo"
+    assert two_d.select.name == "2d" and not two_d.select.configurations
+    full = configuration_configs(config.model_dump(mode="json"))
+    assert set(full) == {"2d", "deep"} and full["2d"]["plan"]["dims"] == 2
+    assert own_preprocessing(data, "2d") and not own_preprocessing(data, "deep")
+    assert train_launcher(full["2d"]) == "medseg" and train_gpus(full["2d"]) == 0
+    assert train_launcher(full["deep"]).startswith("torchrun --standalone --nproc_per_node=2 ")
+    assert train_gpus(full["deep"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("configurations", "message"),
+    [
+        ({"wide": {"train": {"network": {"nme": "x"}}}}, r"select.configurations.wide.train: unknown key 'network.nme'"),
+        ({"wide": {"train": {"epochs": 0}}}, r"select.configurations.wide.train: 'epochs': Input should be greater"),
+        ({"s": {"plan": {"n_folds": 3}}}, r"select.configurations.s.plan: n_folds cannot change; expected a "
+                                          r"configuration to share this run's folds and split"),
+        ({"s": {"train": {"folds": [0, 1]}}}, r"select.configurations.s.train: folds cannot change"),
+        ({"s": {"tracking": {"experiment": "x"}}}, r"unknown key 'select.configurations.s.tracking'"),
+        ({"a/b": {}}, r"configuration names \['a/b'\]: expected letters, digits, '_', '.' or '-'"),
+    ],
+)
+def test_bad_configurations_are_refused_by_name(configurations: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate(WorkflowConfig, {"select": {"configurations": configurations}}, "test.yaml")

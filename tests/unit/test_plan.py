@@ -181,7 +181,7 @@ def test_plan_anisotropic_ct(ct_manifest: Path, tmp_path: Path) -> None:
     assert p.topology.features == (32, 64, 128)
     assert p.memory_budget_gb == 8.0  # no CUDA here
     assert set(p.decisions) == {"target_spacing_mm", "dims", "memory_budget_gb", "patch_size", "batch_size",
-                                "topology", "normalization"}
+                                "topology", "normalization", "mirror_axes"}
     assert "5% of the dataset's voxels" in p.decisions["batch_size"]
     assert "10th percentile" in p.decisions["target_spacing_mm"]
 
@@ -281,3 +281,104 @@ def test_too_few_cases_for_the_folds_raise(ct_manifest: Path, tmp_path: Path) ->
     with pytest.raises(DataError, match="n_folds=6"):
         plan(ct_manifest, tmp_path / "plan", PlanConfig(n_folds=6))
     assert not (tmp_path / "plan" / "plan.json").exists()
+
+
+def _two_class_msd(root: Path, affine: np.ndarray, n_cases: int = 6, swap_every: int = 0) -> Path:
+    """Cases with class 2 always 6 voxels above class 1 along RAS A-P (y) and at a random side of it
+    along R-L (x); along S-I (z) both at the same height. With ``swap_every`` = k, every k-th case
+    has them the other way round along y."""
+    rng = np.random.default_rng(1)
+    training = []
+    for i in range(n_cases):
+        label = np.zeros((16, 20, 8), dtype=np.uint8)
+        dx = int(rng.choice([-3, 3]))
+        dy = -6 if swap_every and i % swap_every == 0 else 6
+        label[6:9, 6:9, 3:5] = 1
+        label[6 + dx:9 + dx, 6 + dy:9 + dy, 3:5] = 2
+        image = rng.normal(0, 1, label.shape).astype(np.float32) + 3 * label
+        save_nifti(root / "imagesTr" / f"c{i}.nii.gz", image, affine)
+        save_nifti(root / "labelsTr" / f"c{i}.nii.gz", label, affine)
+        training.append({"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"})
+    info = {"name": "two", "labels": {"0": "background", "1": "front", "2": "back"}, "modality": {"0": "MRI"},
+            "training": training, "test": []}
+    (root / "dataset.json").write_text(json.dumps(info))
+    return root
+
+
+# Stored as LPS with 2 mm voxels along y: voxel axes 0 and 1 run against RAS x and y.
+LPS = np.diag([-1.0, -2.0, 1.0, 1.0])
+
+
+def test_mirror_axes_leave_out_an_axis_along_which_the_classes_keep_their_order(tmp_path: Path) -> None:
+    manifest = ingest(_two_class_msd(tmp_path / "raw", LPS), tmp_path / "ingested").manifest_path
+    planned = plan(manifest, tmp_path / "plan", PlanConfig(n_folds=2, mirror_axes="auto")).plan
+    assert planned.mirror_axes == (0, 2)
+    order = {o.axis: o for o in planned.fingerprint.class_order}
+    # y voxels 6 apart at 2 mm, against RAS y: class 2 lies 12 mm from class 1, in every case
+    assert order[1].classes == (1, 2) and order[1].cases == 6
+    assert order[1].mean_offset_mm == pytest.approx(-12.0) and order[1].same_side == 1.0
+    assert order[2].mean_offset_mm == 0.0 and order[2].same_side == 0.0
+    assert planned.decisions["mirror_axes"] == (
+        "mirrored along R-L (axis 0), S-I (axis 2); not A-P (axis 1): back lies on the same side of front in "
+        "100% of the 6 cases holding both, 12.0 mm apart on average, so mirroring would show layouts the data "
+        "never show"
+    )
+    saved = load_plan(tmp_path / "plan" / "plan.json")
+    assert saved.mirror_axes == (0, 2) and saved.fingerprint.class_order == planned.fingerprint.class_order
+    default = plan(manifest, tmp_path / "default", PlanConfig(n_folds=2)).plan  # nnU-Net's: every axis
+    assert default.mirror_axes == (0, 1, 2)
+    assert default.decisions["mirror_axes"] == (
+        "every axis, as nnU-Net (plan.mirror_axes: all); plan.mirror_axes: auto would mirror R-L (axis 0), "
+        "S-I (axis 2): not A-P (axis 1): back lies on the same side of front in 100% of the 6 cases holding "
+        "both, 12.0 mm apart on average, so mirroring would show layouts the data never show"
+    )
+
+
+def test_mirror_axes_keep_an_axis_whose_order_often_flips(tmp_path: Path) -> None:
+    """One case in three the other way round: 67% < 90%, so A-P is mirrored too."""
+    manifest = ingest(_two_class_msd(tmp_path / "raw", LPS, swap_every=3), tmp_path / "ingested").manifest_path
+    planned = plan(manifest, tmp_path / "plan", PlanConfig(n_folds=2, mirror_axes="auto")).plan
+    assert planned.mirror_axes == (0, 1, 2)
+    assert {o.axis: o.same_side for o in planned.fingerprint.class_order}[1] == pytest.approx(4 / 6, abs=1e-4)
+    assert planned.decisions["mirror_axes"].endswith("no two classes keep their order along an axis in 90% of the cases")
+
+
+def test_mirror_axes_with_one_class_and_from_the_config(ct_manifest: Path, tmp_path: Path) -> None:
+    planned = plan(ct_manifest, tmp_path / "plan", PlanConfig(n_folds=2, mirror_axes="auto")).plan  # one class
+    assert planned.fingerprint.class_order == []
+    assert planned.decisions["mirror_axes"].endswith("fewer than two foreground classes, so no order of classes to keep")
+    assert planned.dims == 2 and planned.patch_size[2] == 1
+    assert planned.mirror_axes == (0, 1)  # the slice axis is not convolved, so not mirrored
+    chosen = plan(ct_manifest, tmp_path / "chosen", PlanConfig(n_folds=2, mirror_axes=(2, 1))).plan
+    assert chosen.mirror_axes == (1,) and chosen.decisions["mirror_axes"] == "set in the config"
+
+
+@pytest.mark.parametrize("axes", [(0, 0), (3,), (-1,)])
+def test_bad_mirror_axes_are_refused(axes: tuple[int, ...]) -> None:
+    from medseg.config import validate
+    from medseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'mirror_axes': expected distinct axes among 0, 1 and 2"):
+        validate(PlanConfig, {"mirror_axes": list(axes)}, "test")
+    with pytest.raises(ConfigError, match="mirror_axes"):
+        validate(PlanConfig, {"mirror_axes": "some"}, "test")
+
+
+def test_class_order_prefers_a_constant_pair_far_apart_to_a_more_constant_close_one() -> None:
+    """Along x: classes 1 and 2 touch (centroids 1 voxel apart, always in that order); class 3 lies
+    10 voxels from class 1, on the same side in 19 of 20 cases. The rule needs the far pair."""
+    from medseg.stages.plan import _OrderCounts
+
+    counts = _OrderCounts(4)
+    for case in range(20):
+        label = np.zeros((30, 8, 8), dtype=np.uint8)
+        label[10:12, 2:4, 2:4] = 1
+        label[11:13, 4:6, 2:4] = 2  # y apart too, so the one voxel of x offset is its own
+        if case == 0:
+            label[0:2, 2:4, 5:7] = 3  # the one case the other way round along x
+        else:
+            label[20:22, 2:4, 5:7] = 3
+        counts.add(label, label > 0, np.diag([1.0, 1.0, 1.0, 1.0]))
+    x = next(o for o in counts.most_constant() if o.axis == 0)
+    assert x.classes == (1, 3) and x.cases == 20 and x.same_side == 0.95
+    assert x.mean_offset_mm == pytest.approx((19 * 10 - 10) / 20)

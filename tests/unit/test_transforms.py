@@ -425,3 +425,22 @@ def test_split_chains_hold_the_steps_of_the_whole_chain() -> None:
     split = [*crop_steps((16, 16, 16), augment), *random_steps((16, 16, 16), augment, dims=3)]
     assert [type(t).__name__ for t in whole] == [type(t).__name__ for t in split]
     assert type(split[1]).__name__ == "RandCropByPosNegLabeld"
+
+
+@pytest.mark.parametrize(("mirror_axes", "flipped"), [(None, [0, 1, 2]), ((0, 2), [0, 2]), ((), [])])
+def test_flips_only_along_the_plans_mirror_axes(mirror_axes: tuple[int, ...] | None, flipped: list[int]) -> None:
+    from monai.transforms import RandFlipd
+
+    from medseg.transforms import random_steps
+
+    steps = random_steps((16, 16, 16), AugmentConfig(flip_prob=1.0), dims=3, mirror_axes=mirror_axes)
+    assert [s.flipper.spatial_axis for s in steps if isinstance(s, RandFlipd)] == flipped
+    chain = training_augmentation((4, 4, 4), AugmentConfig(flip_prob=1.0, affine_prob=0, intensity_prob=0,
+                                                           noise_prob=0, gamma_prob=0, pos_neg_ratio=1.0),
+                                  dims=3, mirror_axes=mirror_axes)
+    image = torch.arange(64, dtype=torch.float32).reshape(1, 4, 4, 4)
+    label = torch.zeros(1, 4, 4, 4)
+    label[0, 1, 1, 1] = 1
+    (out,) = chain({"image": image, "label": label})  # the crop (the whole image here) gives a list of one
+    expected = torch.flip(image, [1 + a for a in flipped]) if flipped else image
+    torch.testing.assert_close(out["image"], expected)

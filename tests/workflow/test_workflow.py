@@ -199,3 +199,44 @@ def test_select_compares_with_another_finished_run(finished: Path, venv_bin: Pat
     assert selection["margin"] == pytest.approx(0.1, abs=1e-9)
     mean = json.loads((results / "evaluation" / "summary.json").read_text())["mean_dice"]
     assert selection["candidates"]["smoke"]["mean_dice"] == pytest.approx(mean, abs=1e-9)
+
+
+def test_configurations_train_in_the_same_workflow_and_the_best_is_selected(finished: Path, venv_bin: Path) -> None:
+    """select.configurations: the workflow trains, predicts and evaluates two more configurations on this
+    run's fold and split (planning and preprocessing again only for the one that changes the plan), and
+    select picks the best of the three by its out-of-fold Dice."""
+    import mlflow
+    import torch
+
+    results = finished / "data" / "results"
+    change = finished / "configurations.yaml"
+    change.write_text("select:\n  name: smoke\n  configurations:\n"
+                      "    wider:\n      train: {network: {channels: [8, 16]}}\n"
+                      "    twod:\n      plan: {dims: 2}\n")
+    args = ("--config", f"dataset={finished / 'hippo'}")
+    proc = snakemake(venv_bin, finished, "-n", *args, configs=(change,))
+    assert planned_rules(proc.stdout + proc.stderr) == {
+        "all": 1, "plan_configuration": 1, "preprocess_configuration": 1, "train_configuration": 2,
+        "predict_configuration": 2, "evaluate_configuration": 2, "select": 1,
+    }
+    snakemake(venv_bin, finished, *args, configs=(change,))
+    configurations = results / "configurations"
+    assert json.loads((configurations / "twod" / "plan" / "plan.json").read_text())["dims"] == 2
+    assert not (configurations / "wider" / "plan").exists()  # it took this run's plan and cases
+    wider = torch.load(configurations / "wider" / "train" / "fold_0" / "last.pt", weights_only=False)
+    assert wider["spec"]["network"]["channels"] == [8, 16]
+    assert (json.loads((configurations / "twod" / "plan" / "splits.json").read_text())
+            == json.loads((results / "plan" / "splits.json").read_text()))
+    means = {name: json.loads((folder / "evaluation" / "summary.json").read_text())["mean_dice"]
+             for name, folder in {"smoke": results, "wider": configurations / "wider",
+                                  "twod": configurations / "twod"}.items()}
+    selection = json.loads((results / "selection.json").read_text())
+    assert set(selection["candidates"]) == set(means)
+    for name, mean in means.items():
+        assert selection["candidates"][name]["mean_dice"] == pytest.approx(mean, abs=1e-9)
+    assert selection["chosen"] == max(means, key=lambda n: (means[n], -list(means).index(n)))
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
+    for name in ("wider", "twod"):
+        (version,) = client.search_model_versions(f"name = 'medseg-smoke-{name}'")
+        assert client.get_run(version.run_id).data.tags["snakemake.rule"] == "train_configuration"
+    assert len(client.search_model_versions("name = 'medseg-smoke'")) == 1  # the main model: not re-registered
