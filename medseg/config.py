@@ -9,6 +9,7 @@ is generated from these models (``medseg schema``) and a test checks it is curre
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -308,8 +309,6 @@ class SelectConfig(StrictModel):
 
     @model_validator(mode="after")
     def _distinct_names(self) -> SelectConfig:
-        import re
-
         names = [self.name, *self.compare_with, *self.configurations]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:

@@ -244,27 +244,20 @@ class _OrderCounts:
     def most_constant(self) -> list[ClassOrder]:
         """Per axis, one pair (first class lower): of the pairs whose order holds in at least
         ``MIRROR_CONSISTENCY`` of their cases the one farthest apart, else the most constant."""
-
-        def rank(o: ClassOrder) -> tuple[int, float]:
-            return (1, abs(o.mean_offset_mm)) if o.same_side >= MIRROR_CONSISTENCY else (0, o.same_side)
-
         out = []
-        k = self.cases.shape[0]
+        pairs = [(i, j) for i, j in zip(*np.triu_indices(self.cases.shape[0], k=1)) if self.cases[i, j]]
         for axis in range(3):
-            best: ClassOrder | None = None
-            for i in range(k):
-                for j in range(i + 1, k):
-                    n = int(self.cases[i, j])
-                    if n == 0:
-                        continue
-                    mean = float(self.offsets[i, j, axis] / n)
-                    side = self.positive[i, j, axis] if mean > 0 else self.negative[i, j, axis]
-                    found = ClassOrder(axis=axis, classes=(i + 1, j + 1), cases=n, mean_offset_mm=round(mean, 3),
-                                       same_side=round(float(side / n), 4))
-                    if best is None or rank(found) > rank(best):
-                        best = found
-            if best is not None:
-                out.append(best)
+            scored = []
+            for i, j in pairs:
+                n = int(self.cases[i, j])
+                mean = float(self.offsets[i, j, axis] / n)
+                same = float((self.positive if mean > 0 else self.negative)[i, j, axis] / n)
+                rank = (1, abs(mean)) if same >= MIRROR_CONSISTENCY else (0, same)
+                scored.append((rank, i, j, n, mean, same))
+            if scored:
+                _, i, j, n, mean, same = max(scored, key=lambda s: s[0])
+                out.append(ClassOrder(axis=axis, classes=(int(i) + 1, int(j) + 1), cases=n,
+                                      mean_offset_mm=round(mean, 3), same_side=round(same, 4)))
         return out
 
 
