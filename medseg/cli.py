@@ -128,8 +128,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if args.splits is not None:
         case_ids = load_splits(args.splits, args.fold)["val"]
     result = predict(args.input, args.output, models, _section(args, PredictConfig, "predict"),
-                     case_ids=case_ids, device=args.device, tracking_uri=uri)
-    print(f"wrote {len(result.written)} masks to {result.out_dir} ({len(result.failed)} failed)")
+                     case_ids=case_ids, device=args.device, tracking_uri=uri, overwrite=args.overwrite)
+    done_before = f", {len(result.skipped)} of them by an earlier run" if result.skipped else ""
+    print(f"{len(result.written)} masks in {result.out_dir}{done_before} ({len(result.failed)} failed)")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -246,9 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--tracking-uri")
+    p.add_argument("--overwrite", action="store_true",
+                   help="predict every case again into a folder that holds other models' or settings' predictions "
+                        "(by default a folder of the same models and settings is resumed, others refused)")
     _config_args(p)
 
-    p = add("evaluate", cmd_evaluate, "Dice, HD95 and surface Dice per case and class")
+    p = add("evaluate", cmd_evaluate, "Dice, IoU, HD95, surface distance and surface Dice per case and class")
     p.add_argument("--predictions", type=Path, nargs="+", required=True)
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--manifest", type=Path, help="references: the labels of an ingest manifest")

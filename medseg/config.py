@@ -250,10 +250,36 @@ class PredictConfig(StrictModel):
 
     overlap: float = Field(default=0.5, ge=0, lt=1)
     sw_batch_size: int = Field(default=4, ge=1)
-    tta_flips: bool = Field(default=False, description="Average over flips along every spatial axis.")
+    tta_flips: bool = Field(
+        default=False, description="Average each window over flips along the plan's mirror axes (up to 8 flips)."
+    )
     gaussian: bool = Field(default=True, description="Gaussian weighting of window overlaps.")
     dicom_seg: bool = Field(
         default=True, description="For scans read from DICOM, also write the mask as a DICOM-SEG of the source series."
+    )
+    amp: bool = Field(default=True, description="On CUDA, run the network in fp16 autocast.")
+    uncertainty_maps: bool = Field(
+        default=False,
+        description="Also write uncertainty/<case>.nii.gz: the normalized entropy (0 to 1) of the averaged "
+        "probabilities of flips and models, on the scan's grid.",
+    )
+    probability_maps: bool = Field(
+        default=False,
+        description="Also write probabilities/<case>.nii.gz: every class's probability on the scan's grid "
+        "(4D, uint8 scaled by 1/255; a channel of the scan's grid per class in memory).",
+    )
+    prefetch: int = Field(
+        default=1, ge=0, le=8,
+        description="Scans read and preprocessed ahead while the network runs (and one written behind it); "
+        "0 does every step in turn. Each holds a scan in memory.",
+    )
+    max_uncertainty: float = Field(
+        default=0.25, gt=0, le=1, description="Quality control: flag a case whose uncertainty score is above this."
+    )
+    volume_tolerance: float = Field(
+        default=0.5, ge=0,
+        description="Quality control: flag a class whose volume lies below the smallest training label's "
+        "times (1 - this) or above the largest's times (1 + this).",
     )
 
 

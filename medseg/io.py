@@ -103,10 +103,14 @@ def load_nifti(path: Path) -> nib.Nifti1Image:
     return nib.Nifti1Image(data, img.affine, img.header) if isinstance(img, nib.Nifti1Image) else img
 
 
-def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None = None) -> None:
-    """Write a NIfTI file atomically; the header's dtype follows ``data``."""
+def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None = None,
+               *, slope: float | None = None) -> None:
+    """Write a NIfTI file atomically; the header's dtype follows ``data``. With ``slope``, readers
+    scale the stored values by it (``scl_slope``), e.g. uint8 probabilities by 1/255."""
     img = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64), header=header)
     img.set_data_dtype(np.asarray(data).dtype)
+    if slope is not None:
+        img.header.set_slope_inter(slope, 0.0)
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
     path = Path(path)

@@ -1,13 +1,18 @@
-"""evaluate: Dice, 95th percentile Hausdorff distance and surface Dice per case and class.
+"""evaluate: Dice, IoU, HD95, average surface distance and surface Dice per case and class.
 
-Metrics are MONAI's, computed in each reference label's own grid with its voxel spacing.
-Conventions: a class absent from both mask and reference has Dice 1 and surface Dice 1,
-and no distance (NaN); a class absent from only one of them has Dice 0 and HD95 NaN
-(reported, and left out of the means, which count only finite values).
+Metrics are MONAI's, computed in each reference label's own grid with its voxel spacing (mm).
+HD95 is the larger of the two directed 95th percentiles of surface distances; the average
+surface distance (ASD) is the mean of the distances of both surfaces' voxels to the other
+surface (symmetric); surface Dice counts the surface voxels within the tolerance.
+Conventions: a class absent from both mask and reference has Dice, IoU and surface Dice 1,
+and no distance (NaN); a class absent from only one of them has Dice, IoU and surface Dice 0
+and distances NaN (reported, and left out of the means, which count only finite values).
 
-Outputs in ``out_dir``: ``metrics.csv`` (a row per case and class), ``summary.json`` (mean,
-median and standard deviation per class and metric; ``mean_dice`` over the foreground
-classes), ``metrics.png`` (box plots).
+Outputs in ``out_dir``: ``metrics.csv`` (a row per case and class, with the volumes in mL and
+the quality-control flags predict wrote for the case), ``summary.json`` (mean, median,
+standard deviation and quartiles per class and metric; ``mean_dice`` over the foreground
+classes; the flagged cases), ``metrics.png`` (box plots per class, and Dice against the
+reference volume).
 """
 
 from __future__ import annotations
@@ -26,10 +31,11 @@ from medseg.config import EvaluateConfig
 from medseg.errors import DataError, GeometryMismatchError
 from medseg.io import atomic_path, is_nifti, load_nifti, strip_nifti_suffix, write_json
 from medseg.manifest import load_manifest
+from medseg.qc import read_case_qc
 
 log = logging.getLogger(__name__)
 
-METRICS = ("dice", "hd95_mm", "surface_dice")
+METRICS = ("dice", "iou", "hd95_mm", "asd_mm", "surface_dice")
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,13 @@ def case_metrics(
 ) -> dict[int, dict[str, float]]:
     """Metrics per foreground label for one case (integer masks of one shape)."""
     import torch
-    from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
+    from monai.metrics import (
+        compute_average_surface_distance,
+        compute_dice,
+        compute_hausdorff_distance,
+        compute_iou,
+        compute_surface_dice,
+    )
 
     if pred.shape != ref.shape:
         raise GeometryMismatchError(f"expected the reference shape {ref.shape}, found {pred.shape}")
@@ -53,20 +65,26 @@ def case_metrics(
     r = torch.stack([torch.as_tensor(ref == c) for c in classes])[None].float()
     spacing = [float(s) for s in spacing_mm]
     dice = compute_dice(p, r, include_background=True, ignore_empty=False)[0]
+    iou = compute_iou(p, r, include_background=True, ignore_empty=False)[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI warns on empty masks; we report NaN for them
         hd = compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=spacing)[0]
+        asd = compute_average_surface_distance(p, r, include_background=True, symmetric=True, spacing=spacing)[0]
         sd = compute_surface_dice(
             p, r, class_thresholds=[tolerance_mm] * len(classes), include_background=True, spacing=spacing
         )[0]
     out = {}
     for i, c in enumerate(classes):
         p_any, r_any = bool(p[0, i].any()), bool(r[0, i].any())
-        hd_value = float(hd[i]) if p_any and r_any else math.nan
-        sd_value = 1.0 if not p_any and not r_any else (float(sd[i]) if p_any and r_any else 0.0)
+        both = p_any and r_any
+        hd_value = float(hd[i]) if both else math.nan
+        asd_value = float(asd[i]) if both else math.nan
+        sd_value = 1.0 if not p_any and not r_any else (float(sd[i]) if both else 0.0)
         out[c] = {
             "dice": float(dice[i]),
+            "iou": float(iou[i]) if p_any or r_any else 1.0,
             "hd95_mm": hd_value if math.isfinite(hd_value) else math.nan,
+            "asd_mm": asd_value if math.isfinite(asd_value) else math.nan,
             "surface_dice": sd_value,
             "ref_voxels": int(r[0, i].sum()),
             "pred_voxels": int(p[0, i].sum()),
@@ -84,13 +102,14 @@ def _references(manifest_path: Path | None, labels_dir: Path | None) -> tuple[di
     raise DataError("evaluate needs references: a manifest or a labels folder")
 
 
-def _box_plot(rows: list[dict], names: dict[int, str], path: Path) -> None:
+def _plots(rows: list[dict], names: dict[int, str], path: Path) -> None:
+    """Box plots per class of each metric, and Dice against the reference volume."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 4))
+    fig, axes = plt.subplots(1, len(METRICS) + 1, figsize=(4 * (len(METRICS) + 1), 4))
     for ax, metric in zip(axes, METRICS):
         data, ticks = [], []
         for label, name in names.items():
@@ -101,6 +120,15 @@ def _box_plot(rows: list[dict], names: dict[int, str], path: Path) -> None:
         ax.set_xticks(range(1, len(ticks) + 1), ticks)
         ax.set_title(metric)
         ax.grid(alpha=0.3)
+    ax = axes[-1]
+    for label, name in names.items():
+        points = [(r["ref_volume_ml"], r["dice"]) for r in rows if r["label"] == label]
+        ax.scatter([v for v, _ in points], [d for _, d in points], s=12, label=name, alpha=0.7)
+    ax.set_xlabel("reference volume (mL)")
+    ax.set_ylabel("dice")
+    ax.set_title("dice against volume")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
     fig.suptitle(f"{len({r['case_id'] for r in rows})} cases")
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -119,14 +147,21 @@ def summarize(rows: list[dict], names: dict[int, str]) -> dict:
                 "mean": float(finite.mean()) if finite.size else None,
                 "median": float(np.median(finite)) if finite.size else None,
                 "std": float(finite.std()) if finite.size else None,
+                "p25": float(np.percentile(finite, 25)) if finite.size else None,
+                "p75": float(np.percentile(finite, 75)) if finite.size else None,
                 "n": int(finite.size),
             }
         per_class[name] = stats
     means = [s["dice"]["mean"] for s in per_class.values() if s["dice"]["mean"] is not None]
+    flagged: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("qc_flags"):
+            flagged[r["case_id"]] = r["qc_flags"].split(";")
     return {
         "n_cases": len({r["case_id"] for r in rows}),
         "mean_dice": float(np.mean(means)) if means else None,
         "classes": per_class,
+        "flagged_cases": dict(sorted(flagged.items())),
     }
 
 
@@ -158,6 +193,7 @@ def evaluate(
         names = {v: str(v) for v in sorted(found - {0})}
     rows: list[dict] = []
     for case_id, pred_path in sorted(preds.items()):
+        qc = read_case_qc(pred_path.parent, case_id) or {}
         if case_id not in refs:
             log.error("case %s: no reference label for %s; left out", case_id, pred_path)
             continue
@@ -168,6 +204,7 @@ def evaluate(
             ref = np.asarray(ref_img.dataobj).round().astype(np.int64)
             pred = np.asarray(pred_img.dataobj).round().astype(np.int64)
             spacing = np.sqrt((ref_img.affine[:3, :3] ** 2).sum(axis=0))
+            voxel_ml = abs(float(np.linalg.det(ref_img.affine[:3, :3]))) / 1000.0
             try:
                 metrics = case_metrics(pred, ref, list(names), spacing, config.surface_tolerance_mm)
             except GeometryMismatchError as err:
@@ -176,7 +213,11 @@ def evaluate(
             log.error("case %s left out: %s", case_id, err)
             continue
         for label, values in metrics.items():
-            rows.append({"case_id": case_id, "label": label, "label_name": names[label], **values})
+            rows.append({
+                "case_id": case_id, "label": label, "label_name": names[label], **values,
+                "ref_volume_ml": values["ref_voxels"] * voxel_ml, "pred_volume_ml": values["pred_voxels"] * voxel_ml,
+                "qc_flags": ";".join(qc.get("flags", [])), "uncertainty": qc.get("uncertainty", math.nan),
+            })
     if not rows:
         raise DataError("no case could be evaluated (see the log)")
     out_dir = Path(out_dir)
@@ -188,7 +229,7 @@ def evaluate(
             writer.writerows(rows)
     summary = summarize(rows, names)
     write_json(out_dir / "summary.json", summary)
-    _box_plot(rows, names, out_dir / "metrics.png")
+    _plots(rows, names, out_dir / "metrics.png")
     log.info("evaluated %d cases: mean Dice %.4f", summary["n_cases"], summary["mean_dice"] or math.nan)
     return EvaluateResult(out_dir, summary, summary["n_cases"])
 

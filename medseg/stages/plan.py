@@ -84,6 +84,9 @@ class Fingerprint(BaseModel):
     foreground_intensity: list[dict[str, float]]
     class_frequency: dict[int, float]
     class_order: list[ClassOrder] = []
+    # per foreground class, the smallest and largest volume (mL) of the labelled cases; predict's
+    # quality control flags a mask outside it ({} in a plan from before plans had it)
+    class_volume_ml: dict[int, tuple[float, float]] = {}
 
 
 class NetworkTopology(BaseModel):
@@ -172,10 +175,17 @@ def _fingerprint(records: list[CaseRecord], root: Path, n_classes: int, seed: in
     samples: list[list[np.ndarray]] = [[] for _ in range(channels)]
     class_voxels = np.zeros(n_classes, dtype=np.int64)
     order = _OrderCounts(n_classes)
+    volumes: list[np.ndarray] = []  # per labelled case, the mL of each class
     for record in records:
         for value, count in (record.label_voxels or {}).items():
             if value < n_classes:
                 class_voxels[value] += count
+        if record.label_voxels is not None:
+            case_volume = np.zeros(n_classes)
+            for value, count in record.label_voxels.items():
+                if value < n_classes:
+                    case_volume[value] = count * float(np.prod(record.spacing_mm[:3])) / 1000.0
+            volumes.append(case_volume)
         if record.label is None:
             continue
         label = np.asanyarray(load_nifti(root / record.label).dataobj)
@@ -209,6 +219,10 @@ def _fingerprint(records: list[CaseRecord], root: Path, n_classes: int, seed: in
         foreground_intensity=foreground,
         class_frequency={k: float(class_voxels[k]) / total for k in range(n_classes)},
         class_order=order.most_constant(),
+        class_volume_ml={
+            k: (float(min(v[k] for v in volumes)), float(max(v[k] for v in volumes)))
+            for k in range(1, n_classes)
+        } if volumes else {},
     )
     return fingerprint, spacings_arr, shapes_arr, pooled
 

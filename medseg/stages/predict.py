@@ -1,25 +1,41 @@
 """predict: masks for new scans, written in each scan's own geometry.
 
 Each scan goes through the training-time preprocessing (from the model's spec), a MONAI
-sliding-window inference with Gaussian weighting (optionally averaged over flips and over
-several models), and MONAI's ``Invertd``, which undoes the resampling, crop and
-reorientation on the class probabilities. The mask (argmax) is written as
-``<out_dir>/<case>.nii.gz`` with the original scan's shape and affine, so it overlays it.
-The models are loaded once for all cases. A case that fails is logged and skipped.
+sliding-window inference with Gaussian weighting (each window averaged over flips and over
+the models of an ensemble, ``medseg.inference``), and MONAI's ``Invertd``, which undoes the
+resampling, crop and reorientation on the class probabilities, one class at a time. The
+models are loaded once for all scans. Reading and preprocessing the next scans
+(``prefetch``) and restoring and writing the last one run on background threads while the
+network works on the current one; the queues are bounded, so memory is too.
 
-Scans that come from DICOM (a DICOM folder as input, or a manifest of ingested DICOM series)
-also get ``<out_dir>/<case>_seg.dcm``: a DICOM-SEG that references the source series, one
-segment per label, on exactly the voxels of the NIfTI mask.
+Outputs in ``out_dir``, each written atomically:
+
+- ``<case>.nii.gz``: the mask (uint8) with the scan's shape and affine, so it overlays it;
+- ``<case>_seg.dcm`` for scans read from DICOM: a DICOM-SEG that references the source series,
+  one segment per label, on exactly the voxels of the NIfTI mask;
+- ``uncertainty/<case>.nii.gz`` and ``probabilities/<case>.nii.gz`` when asked for;
+- ``qc/<case>.json``: volumes, uncertainty score and quality-control flags (``medseg.qc``),
+  written last: a case with it is done;
+- ``cases.csv``: a row per case predicted so far, with its volumes, score and flags;
+- ``predict.json``: the models (with a digest of their weights) and settings that made them.
+
+A run into a folder that a run of the same models and settings left unfinished predicts only
+the cases not yet done. A folder made by other models or settings is refused unless
+``overwrite`` is given. A case that fails is logged and reported, and the others go on.
 """
 
 from __future__ import annotations
 
-import itertools
+import csv
+import hashlib
 import logging
 import tempfile
+from collections import deque
 from collections.abc import Collection, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,10 +43,20 @@ from torch import nn
 
 from medseg.config import PredictConfig
 from medseg.errors import DataError, MedsegError, ModelError
-from medseg.io import load_nifti, save_nifti
+from medseg.inference import (
+    PROBABILITY_SCALE,
+    flip_sets,
+    probabilities,
+    restore,
+    uncertainty_score,
+)
+from medseg.io import atomic_path, load_nifti, read_json, save_nifti, write_json
 from medseg.manifest import load_manifest
 from medseg.modelio import ModelSpec, load_model, resolve_device
+from medseg.qc import QC_DIR, case_qc
 from medseg.sources import CaseSource, discover
+
+RECORD = "predict.json"
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +64,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class PredictResult:
     out_dir: Path
-    written: list[Path]
+    written: list[Path]  # the masks of every case done, this run or a resumed one
     failed: dict[str, str] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # cases a previous run had done
 
 
 def cases_from_input(path: Path, case_ids: Collection[str] | None = None) -> list[CaseSource]:
@@ -103,38 +130,76 @@ def _write_dicom_seg(mask: np.ndarray, affine: np.ndarray, case: CaseSource, spe
     write_seg(mask, series, target, names=names, description=f"medseg prediction of {case.case_id}")
 
 
-def _flip_sets(roi: Sequence[int], enabled: bool, mirror_axes: Sequence[int] | None = None) -> list[tuple[int, ...]]:
-    """The flips of test-time augmentation (tensor dims of a batch): every combination of the
-    plan's mirror axes (None: every spatial axis) that the network convolves."""
-    if not enabled:
-        return [()]
-    axes = [2 + i for i, r in enumerate(roi) if r > 1 and (mirror_axes is None or i in mirror_axes)]
-    return [combo for n in range(len(axes) + 1) for combo in itertools.combinations(axes, n)]
+def _weights_digest(net: nn.Module) -> str:
+    """A digest of a network's weights, so a resumed run can tell it has the same model."""
+    digest = hashlib.sha256()
+    for name, tensor in net.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
-def probabilities(
-    image: torch.Tensor, models: list[tuple[nn.Module, ModelSpec]], config: PredictConfig, device: torch.device
-) -> torch.Tensor:
-    """Softmax probabilities (classes, X, Y, Z) averaged over models and flips."""
-    from monai.inferers import sliding_window_inference
+def _run_record(refs: Sequence[str], loaded: Sequence[tuple[nn.Module, ModelSpec]], config: PredictConfig) -> dict:
+    return {
+        "models": [{"model": ref, "weights": _weights_digest(net)} for ref, (net, _) in zip(refs, loaded)],
+        "config": config.model_dump(mode="json", exclude={"prefetch"}),
+    }
 
-    batch = image[None].to(device)
-    total: torch.Tensor | None = None
-    count = 0
-    with torch.no_grad():
-        for net, spec in models:
-            for flips in _flip_sets(spec.roi_size, config.tta_flips, spec.plan.mirror_axes):
-                x = torch.flip(batch, flips) if flips else batch
-                logits = sliding_window_inference(
-                    x, spec.roi_size, config.sw_batch_size, net, overlap=config.overlap,
-                    mode="gaussian" if config.gaussian else "constant",
-                )
-                probs = torch.softmax(logits.float(), dim=1)
-                probs = torch.flip(probs, flips) if flips else probs
-                total = probs if total is None else total + probs
-                count += 1
-    assert total is not None
-    return (total / count)[0].cpu()
+
+def _open_output(out_dir: Path, record: dict, overwrite: bool) -> bool:
+    """Write the run record into ``out_dir``; True when it continues an unfinished run of the same record."""
+    path = out_dir / RECORD
+    resume = False
+    if path.exists():
+        previous = read_json(path)
+        same = {k: previous.get(k) for k in record} == record if isinstance(previous, dict) else False
+        if not same and not overwrite:
+            raise DataError(
+                f"{out_dir}: expected an empty folder or one with predictions of the same models and settings, found "
+                f"others (see {path}); choose another folder or overwrite them (--overwrite)"
+            )
+        resume = same and not overwrite
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(path, record)
+    return resume
+
+
+def _done(out_dir: Path, case_id: str) -> bool:
+    return (out_dir / QC_DIR / f"{case_id}.json").is_file() and (out_dir / f"{case_id}.nii.gz").is_file()
+
+
+@dataclass
+class _Prepared:
+    case: CaseSource
+    scan: Path
+    affine: np.ndarray
+    shape: tuple[int, ...]
+    data: dict[str, Any]
+    probs: torch.Tensor | None = None
+    uncertainty: float = 0.0
+
+
+def _write_table(out_dir: Path, case_ids: Sequence[str]) -> Path:
+    """``cases.csv``: the QC record of every case of ``case_ids`` that is done."""
+    rows = []
+    for case_id in case_ids:
+        path = out_dir / QC_DIR / f"{case_id}.json"
+        if not path.is_file():
+            continue
+        qc = read_json(path)
+        rows.append({
+            "case_id": case_id, "mask": f"{case_id}.nii.gz", "uncertainty": round(qc["uncertainty"], 6),
+            "flags": ";".join(qc["flags"]),
+            **{f"volume_{name}_ml": round(v, 6) for name, v in qc["volumes_ml"].items()},
+        })
+    target = out_dir / "cases.csv"
+    with atomic_path(target) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            fields = list(dict.fromkeys(k for row in rows for k in row)) or ["case_id"]
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+    return target
 
 
 def predict(
@@ -146,6 +211,7 @@ def predict(
     case_ids: Collection[str] | None = None,
     device: str = "auto",
     tracking_uri: str | None = None,
+    overwrite: bool = False,
 ) -> PredictResult:
     """Write one mask per scan found at ``input_path`` into ``out_dir``; see the module doc."""
     from monai.data import MetaTensor
@@ -161,40 +227,115 @@ def predict(
     loaded = [load_model(ref, dev, tracking_uri) for ref in models]
     first = loaded[0][1]
     for ref, (_, spec) in zip(models[1:], loaded[1:]):
-        if spec.plan != first.plan or spec.preprocess != first.preprocess:
-            raise ModelError(f"model {ref}: expected the plan and preprocessing of {models[0]} for an ensemble, found others")
+        if spec.plan != first.plan or spec.preprocess != first.preprocess or spec.roi_size != first.roi_size:
+            raise ModelError(
+                f"model {ref}: expected the plan, preprocessing and window of {models[0]} for an ensemble, found others"
+            )
     chain = preprocessing(first.plan, crop_foreground=first.preprocess.crop_foreground, with_label=False)
     inverter = Invertd(keys="pred", transform=chain, orig_keys="image", nearest_interp=False)
     cases = cases_from_input(input_path, case_ids)
+    labels = dict(first.plan.labels) or {k: str(k) for k in range(first.plan.n_classes)}
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
+    resume = _open_output(out_dir, _run_record(models, loaded, config), overwrite)
+    skipped = [c.case_id for c in cases if resume and _done(out_dir, c.case_id)]
+    todo = [c for c in cases if c.case_id not in set(skipped)]
+    if skipped:
+        log.info("%s: %d of %d cases were done by an earlier run of these models; predicting the other %d",
+                 out_dir, len(skipped), len(cases), len(todo))
+    log.info("predicting %d scans with %d model(s) on %s", len(todo), len(loaded), dev)
     failed: dict[str, str] = {}
-    log.info("predicting %d scans with %d model(s) on %s", len(cases), len(loaded), dev)
-    with tempfile.TemporaryDirectory() as tmp:
-        for case in cases:
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+
+        def prepare(case: CaseSource) -> _Prepared:
+            scan = _as_single_file(case, tmp)
+            original = load_nifti(scan)
+            return _Prepared(case, scan, np.asarray(original.affine), tuple(original.shape[:3]),
+                             chain({"image": str(scan)}))
+
+        def finish(item: _Prepared) -> None:
+            case = item.case
+            assert item.probs is not None
+            restored = restore(item.probs, item.data, inverter, uncertainty=config.uncertainty_maps,
+                               keep_probabilities=config.probability_maps)
+            item.probs = None
+            if restored.mask.shape != item.shape:
+                raise DataError(
+                    f"{item.scan}: internal error, restored mask has shape {restored.mask.shape}, expected {item.shape}"
+                )
+            save_nifti(out_dir / f"{case.case_id}.nii.gz", restored.mask, item.affine)
+            if config.dicom_seg and case.dicom_files:
+                _write_dicom_seg(restored.mask, item.affine, case, first, out_dir / f"{case.case_id}_seg.dcm")
+            if restored.uncertainty is not None:
+                save_nifti(out_dir / "uncertainty" / f"{case.case_id}.nii.gz", restored.uncertainty, item.affine)
+            if restored.probabilities is not None:
+                save_nifti(out_dir / "probabilities" / f"{case.case_id}.nii.gz", restored.probabilities,
+                           item.affine, slope=1.0 / PROBABILITY_SCALE)
+            qc = case_qc(
+                case.case_id, restored.mask, abs(float(np.linalg.det(item.affine[:3, :3]))) / 1000.0, labels,
+                item.uncertainty, volume_range=first.plan.fingerprint.class_volume_ml,
+                volume_tolerance=config.volume_tolerance, max_uncertainty=config.max_uncertainty,
+            )
+            write_json(out_dir / QC_DIR / f"{case.case_id}.json", qc.as_dict())  # last: the case is done
+            if qc.flags:
+                log.warning("case %s flagged: %s", case.case_id, "; ".join(qc.details.values()))
+            if item.scan.is_relative_to(tmp):
+                item.scan.unlink(missing_ok=True)
+
+        def collect(case: CaseSource, future: Future) -> Any:
             try:
-                scan = _as_single_file(case, Path(tmp))
-                original = load_nifti(scan)
-                data = chain({"image": str(scan)})
-                image = data["image"]
-                probs = probabilities(image.as_tensor() if isinstance(image, MetaTensor) else image, loaded, config, dev)
-                data["pred"] = MetaTensor(probs, meta=dict(image.meta))
-                restored = inverter(data)["pred"]
-                mask = np.asarray(torch.as_tensor(restored).argmax(0).numpy(), dtype=np.uint8)
-                if mask.shape != original.shape[:3]:
-                    raise DataError(
-                        f"{scan}: internal error, restored mask has shape {mask.shape}, expected {original.shape[:3]}"
-                    )
-                target = out_dir / f"{case.case_id}.nii.gz"
-                save_nifti(target, mask, original.affine)
-                written.append(target)
-                if config.dicom_seg and case.dicom_files:
-                    _write_dicom_seg(mask, original.affine, case, first, out_dir / f"{case.case_id}_seg.dcm")
+                return future.result()
             except MedsegError as err:
                 failed[case.case_id] = str(err)
                 log.error("case %s failed: %s", case.case_id, err)
-    log.info("wrote %d masks to %s (%d failed)", len(written), out_dir, len(failed))
+                return None
+
+        with ThreadPoolExecutor(1, thread_name_prefix="medseg-read") as reader, \
+                ThreadPoolExecutor(1, thread_name_prefix="medseg-write") as writer:
+            upcoming = iter(todo)
+            reads: deque[tuple[CaseSource, Future]] = deque()
+            writing: tuple[CaseSource, Future] | None = None
+
+            def read_next() -> None:
+                case = next(upcoming, None)
+                if case is not None:
+                    reads.append((case, reader.submit(prepare, case)))
+
+            for _ in range(config.prefetch + 1):
+                read_next()
+            while reads:
+                case, future = reads.popleft()
+                item = collect(case, future)
+                if item is not None:
+                    try:
+                        image = item.data["image"]
+                        item.probs = probabilities(
+                            image.as_tensor() if isinstance(image, MetaTensor) else image, loaded, config, dev
+                        )
+                        item.uncertainty = uncertainty_score(item.probs)
+                        item.probs = item.probs.half()  # halves what waits for the writer
+                    except MedsegError as err:
+                        failed[case.case_id] = str(err)
+                        log.error("case %s failed: %s", case.case_id, err)
+                        item = None
+                if writing is not None:
+                    collect(*writing)
+                    writing = None
+                if item is not None:
+                    writing = (case, writer.submit(finish, item))
+                    if config.prefetch == 0:
+                        collect(*writing)
+                        writing = None
+                read_next()
+            if writing is not None:
+                collect(*writing)
+
+    done = [c.case_id for c in cases if _done(out_dir, c.case_id)]
+    _write_table(out_dir, done)
+    written = [out_dir / f"{case_id}.nii.gz" for case_id in done]
+    log.info("wrote %d masks to %s (%d failed, %d done before)", len(written) - len(skipped), out_dir,
+             len(failed), len(skipped))
     if not written:
         raise DataError(f"{input_path}: no scan could be predicted ({len(failed)} failed)")
-    return PredictResult(out_dir, written, failed)
+    return PredictResult(out_dir, written, failed, skipped)

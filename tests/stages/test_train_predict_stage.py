@@ -385,13 +385,3 @@ def test_channels_last_training_learns_the_same_and_saves_loadable_weights(prepa
     for x, y in zip(sorted(out_a.written), sorted(out_b.written)):
         same = np.asarray(nib.load(x).dataobj) == np.asarray(nib.load(y).dataobj)
         assert same.mean() > 0.999
-
-
-def test_test_time_flips_follow_the_plans_mirror_axes() -> None:
-    from medseg.stages.predict import _flip_sets
-
-    assert _flip_sets((8, 8, 8), False, None) == [()]
-    assert len(_flip_sets((8, 8, 8), True, None)) == 8
-    assert _flip_sets((8, 8, 8), True, (0, 2)) == [(), (2,), (4,), (2, 4)]  # tensor dims of (B, C, x, y, z)
-    assert _flip_sets((8, 8, 8), True, ()) == [()]
-    assert _flip_sets((8, 8, 1), True, (1, 2)) == [(), (3,)]  # 2D: the slice axis is never flipped

@@ -24,6 +24,15 @@ shell voxel's distance is to the nearest shell voxel of the other mask):
   is 2 mm away; a voxel (6, y, z) of the inner 8x8 of B's near face is min(4, y-5, 14-y, z-5,
   14-z) mm from A's shell. So 4 mm occurs 100 + 4 (y, z in 9..10) = 104 times = 21% > 5%:
   HD95 = 4.0 mm. Within 1 mm: 288 + 28 = 316 -> surface Dice 316/488.
+- IoU: 800 / (1000 + 1000 - 800) = 2/3.
+- Average surface distance (MONAI, symmetric: the mean of both directions' distances, which are
+  the same here): unit spacing (64 x 1 + 136 x 2) / 488 = 336/488 mm. Spacing (2, 1, 1): the far
+  face 100 x 4, the ring 36 x 2, the near face's outer ring 28 x 1, and its inner 6x6 sum to
+  92 (min of y and z distances, each 2, 3, 4, 4, 3, 2 mm): (400 + 72 + 28 + 92) / 488 mm.
+
+Spheres (``spheres``) check the same metrics on curved surfaces on an anisotropic grid against
+their continuous values, to within half the largest voxel edge (the surface voxels' centres lie
+up to that far from the true surface).
 """
 
 from __future__ import annotations
@@ -77,7 +86,7 @@ def test_identical_masks_are_perfect() -> None:
 
 def test_result_keys() -> None:
     m = case_metrics(REF, REF, [1], (1.0, 1.0, 1.0), 1.0)
-    assert set(m[1]) == {"dice", "hd95_mm", "surface_dice", "ref_voxels", "pred_voxels"}
+    assert set(m[1]) == {"dice", "iou", "hd95_mm", "asd_mm", "surface_dice", "ref_voxels", "pred_voxels"}
 
 
 def test_shift_of_two_voxels_dice() -> None:
@@ -113,18 +122,81 @@ def test_shift_of_two_voxels_surface_dice() -> None:
     assert anisotropic[1]["surface_dice"] == pytest.approx(316 / 488, abs=1e-6)
 
 
+def test_shift_of_two_voxels_iou_and_average_surface_distance() -> None:
+    unit = case_metrics(SHIFTED, REF, [1], (1.0, 1.0, 1.0), 1.0)
+    assert unit[1]["iou"] == pytest.approx(2 / 3, abs=1e-6)
+    assert unit[1]["asd_mm"] == pytest.approx(336 / 488, abs=1e-6)
+    anisotropic = case_metrics(SHIFTED, REF, [1], (2.0, 1.0, 1.0), 1.0)
+    assert anisotropic[1]["iou"] == pytest.approx(2 / 3, abs=1e-6)
+    assert anisotropic[1]["asd_mm"] == pytest.approx((400 + 72 + 28 + 92) / 488, abs=1e-6)
+
+
+# ---------------------------------------------------------------- spheres: continuous answers
+
+SPHERE_SPACING = (0.5, 0.5, 1.0)
+HALF_VOXEL = max(SPHERE_SPACING) / 2
+
+
+def spheres(radius: float, shift: float, other_radius: float, size_mm: float = 30.0) -> tuple[np.ndarray, np.ndarray]:
+    """A sphere of ``radius`` (the reference) and one of ``other_radius`` whose centre is ``shift`` mm
+    further along x (the prediction), on a ``SPHERE_SPACING`` grid of ``size_mm`` per side."""
+    shape = [int(size_mm / s) for s in SPHERE_SPACING]
+    x, y, z = np.meshgrid(*(np.arange(n) * s for n, s in zip(shape, SPHERE_SPACING)), indexing="ij")
+    cx, cy, cz = size_mm / 2 - shift / 2, size_mm / 2 + 0.1, size_mm / 2 - 0.1  # off the voxel centres
+    ref = (x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2 <= radius**2
+    pred = (x - cx - shift) ** 2 + (y - cy) ** 2 + (z - cz) ** 2 <= other_radius**2
+    return pred.astype(np.int64), ref.astype(np.int64)
+
+
+def test_concentric_spheres_are_their_radii_apart_everywhere() -> None:
+    # Radii 10 and 12 mm: every point of either surface is 2 mm from the other.
+    pred, ref = spheres(10.0, 0.0, 12.0)
+    tight = case_metrics(pred, ref, [1], SPHERE_SPACING, 2.0 - 2 * HALF_VOXEL - 0.01)[1]
+    loose = case_metrics(pred, ref, [1], SPHERE_SPACING, 2.0 + 2 * HALF_VOXEL)[1]
+    assert tight["dice"] == pytest.approx(2 * 10**3 / (10**3 + 12**3), abs=2e-3)
+    assert tight["iou"] == pytest.approx(10**3 / 12**3, abs=2e-3)
+    assert tight["hd95_mm"] == pytest.approx(2.0, abs=HALF_VOXEL)
+    assert tight["asd_mm"] == pytest.approx(2.0, abs=HALF_VOXEL)
+    assert tight["surface_dice"] == 0.0
+    assert loose["surface_dice"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_shifted_spheres_match_the_continuous_distances() -> None:
+    # Two spheres of radius R = 10 mm, centres d = 3 mm apart. A point of one surface at angle t
+    # from the shift lies |sqrt(R^2 + 2 R d cos t + d^2) - R| from the other surface, and cos t is
+    # uniform over a sphere's area; the lens they share has volume pi (4R + d)(2R - d)^2 / 12.
+    radius, shift = 10.0, 3.0
+    pred, ref = spheres(radius, shift, radius)
+    cos_t = np.linspace(-1.0, 1.0, 100_001)
+    distance = np.abs(np.sqrt(radius**2 + 2 * radius * shift * cos_t + shift**2) - radius)
+    lens = math.pi * (4 * radius + shift) * (2 * radius - shift) ** 2 / 12
+    ball = 4 / 3 * math.pi * radius**3
+    m = case_metrics(pred, ref, [1], SPHERE_SPACING, 2.0)[1]
+    assert m["dice"] == pytest.approx(lens / ball, abs=2e-3)
+    assert m["iou"] == pytest.approx(lens / (2 * ball - lens), abs=2e-3)
+    assert m["hd95_mm"] == pytest.approx(np.percentile(distance, 95), abs=HALF_VOXEL)
+    assert m["asd_mm"] == pytest.approx(distance.mean(), abs=HALF_VOXEL)
+    assert (distance <= 2.0 - HALF_VOXEL).mean() <= m["surface_dice"] <= (distance <= 2.0 + HALF_VOXEL).mean()
+    # every metric is symmetric: swapping mask and reference changes nothing
+    backward = case_metrics(ref, pred, [1], SPHERE_SPACING, 2.0)[1]
+    for key in ("dice", "iou", "hd95_mm", "asd_mm", "surface_dice"):
+        assert backward[key] == pytest.approx(m[key], abs=1e-6)
+
+
 def test_metrics_are_symmetric_for_this_shift() -> None:
     forward = case_metrics(SHIFTED, REF, [1], (1.0, 1.0, 1.0), 1.0)
     backward = case_metrics(REF, SHIFTED, [1], (1.0, 1.0, 1.0), 1.0)
-    for key in ("dice", "hd95_mm", "surface_dice"):
+    for key in ("dice", "iou", "hd95_mm", "asd_mm", "surface_dice"):
         assert forward[1][key] == pytest.approx(backward[1][key], abs=1e-6)
 
 
 def test_class_absent_from_both() -> None:
     m = case_metrics(REF, REF, [1, 2], (1.0, 1.0, 1.0), 1.0)
     assert m[2]["dice"] == 1.0
+    assert m[2]["iou"] == 1.0
     assert m[2]["surface_dice"] == 1.0
     assert math.isnan(m[2]["hd95_mm"])
+    assert math.isnan(m[2]["asd_mm"])
     assert m[2]["ref_voxels"] == 0
     assert m[2]["pred_voxels"] == 0
 
@@ -133,7 +205,9 @@ def test_class_missing_from_prediction() -> None:
     empty = np.zeros(SHAPE, dtype=np.int64)
     m = case_metrics(empty, REF, [1], (1.0, 1.0, 1.0), 1.0)
     assert m[1]["dice"] == 0.0
+    assert m[1]["iou"] == 0.0
     assert math.isnan(m[1]["hd95_mm"])
+    assert math.isnan(m[1]["asd_mm"])
     assert m[1]["surface_dice"] == 0.0
     assert (m[1]["ref_voxels"], m[1]["pred_voxels"]) == (1000, 0)
 
@@ -242,6 +316,10 @@ def test_evaluate_writes_csv_summary_and_plot(tmp_path: Path) -> None:
     assert math.isnan(float(by_key[("c3", 1)]["hd95_mm"]))
     assert int(by_key[("c3", 1)]["pred_voxels"]) == 0
     assert int(by_key[("c3", 1)]["ref_voxels"]) == 1000
+    assert float(by_key[("c3", 1)]["ref_volume_ml"]) == pytest.approx(1000 * 2 / 1000)  # 2 mm^3 voxels
+    assert float(by_key[("c2", 2)]["iou"]) == pytest.approx(2 / 3, abs=1e-6)
+    assert float(by_key[("c2", 2)]["asd_mm"]) == pytest.approx((400 + 72 + 28 + 92) / 488, abs=1e-6)
+    assert all(r["qc_flags"] == "" for r in rows)  # no QC records beside these masks
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary == result.summary
@@ -257,6 +335,9 @@ def test_evaluate_writes_csv_summary_and_plot(tmp_path: Path) -> None:
     assert summary["classes"]["a"]["hd95_mm"]["mean"] == 0.0
     assert summary["classes"]["b"]["hd95_mm"]["n"] == 3
     assert summary["classes"]["b"]["hd95_mm"]["mean"] == pytest.approx(4.0 / 3, abs=1e-6)
+    assert summary["classes"]["b"]["dice"]["p25"] == pytest.approx(0.9, abs=1e-6)  # of 0.8, 1, 1
+    assert summary["classes"]["b"]["dice"]["p75"] == pytest.approx(1.0, abs=1e-6)
+    assert summary["flagged_cases"] == {}
 
     png = out / "metrics.png"
     assert png.stat().st_size > 0
@@ -315,3 +396,17 @@ def test_classes_found_in_any_case_are_scored_without_declared_labels(tmp_path: 
     evaluate([preds], tmp_path / "eval", labels_dir=refs)
     rows = _read_rows(tmp_path / "eval" / "metrics.csv")
     assert {(r["case_id"], int(r["label"])) for r in rows} == {("c1", 1), ("c1", 2), ("c2", 1), ("c2", 2)}
+
+
+def test_quality_flags_of_predict_join_the_table(tmp_path: Path) -> None:
+    preds, refs = _write_cases(tmp_path)
+    qc = {"case_id": "c3", "volumes_ml": {"a": 0.0, "b": 2.0}, "uncertainty": 0.31, "flags": ["volume", "uncertain"],
+          "details": {}}
+    (preds / "qc").mkdir()
+    (preds / "qc" / "c3.json").write_text(json.dumps(qc))
+    result = evaluate([preds], tmp_path / "eval", labels_dir=refs, labels=NAMES)
+    rows = _read_rows(tmp_path / "eval" / "metrics.csv")
+    flagged = {(r["case_id"], r["label"]): (r["qc_flags"], r["uncertainty"]) for r in rows}
+    assert flagged[("c3", "1")] == ("volume;uncertain", "0.31")
+    assert flagged[("c1", "1")] == ("", "nan")
+    assert result.summary["flagged_cases"] == {"c3": ["volume", "uncertain"]}

@@ -152,7 +152,9 @@ def test_predict_command_with_alias(finished: Path, shared_data: Path, venv_bin:
         cwd=finished, capture_output=True, text=True, env=_env(venv_bin), timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
-    assert [p.name for p in out.iterdir()] == [f"{HELD_OUT[0]}.nii.gz"]
+    assert [p.name for p in out.glob("*.nii.gz")] == [f"{HELD_OUT[0]}.nii.gz"]
+    expected = [f"{HELD_OUT[0]}.nii.gz", "cases.csv", "predict.json", "qc"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(expected)
     bad = subprocess.run(
         [str(venv_bin / "medseg"), "predict", "--input", str(scan.parent), "--cases", HELD_OUT[0],
          "--model", "models:/medseg-smoke/99", "--tracking-uri", uri, "--output", str(out)],

@@ -1,0 +1,154 @@
+"""The network side of predict: windowed class probabilities, and their way back to the scan's grid.
+
+``probabilities`` runs MONAI's sliding-window inference once per scan. Each window goes through
+every model of the ensemble and every flip of test-time augmentation (mirrored in, mirrored
+back, as nnU-Net mirrors each patch), and the window's averaged softmax is stitched with
+Gaussian weights. So the whole-scan buffers are one set of class probabilities and MONAI's
+weight map, whatever the number of models and flips. On CUDA the windows run in fp16 autocast
+(``amp``), and the stitched output stays on the GPU only when it takes less than a quarter of
+its free memory; else it is stitched in host memory.
+
+``restore`` brings the probabilities back to the scan's own grid (MONAI's ``Invertd`` undoes
+resampling, crop and reorientation) one class at a time and keeps a running argmax, so host
+memory holds one float channel of the scan's grid plus the uint8 mask, not all classes at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medseg.config import PredictConfig
+from medseg.qc import normalized_entropy
+
+if TYPE_CHECKING:
+    from medseg.modelio import ModelSpec
+
+log = logging.getLogger(__name__)
+
+PROBABILITY_SCALE = 255  # probability maps are stored as uint8 with a NIfTI slope of 1/255
+
+
+def flip_sets(roi: Sequence[int], enabled: bool, mirror_axes: Sequence[int] | None = None) -> list[tuple[int, ...]]:
+    """The flips of test-time augmentation (tensor dims of a batch): every combination of the
+    plan's mirror axes (None: every spatial axis) that the network convolves."""
+    if not enabled:
+        return [()]
+    axes = [2 + i for i, r in enumerate(roi) if r > 1 and (mirror_axes is None or i in mirror_axes)]
+    return [combo for n in range(len(axes) + 1) for combo in itertools.combinations(axes, n)]
+
+
+def window_predictor(
+    models: Sequence[tuple[nn.Module, ModelSpec]], config: PredictConfig, device: torch.device
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function of a batch of windows: their softmax averaged over models and flips."""
+    plans = [(net, flip_sets(spec.roi_size, config.tta_flips, spec.plan.mirror_axes)) for net, spec in models]
+    autocast = config.amp and device.type == "cuda"
+
+    def predict(windows: torch.Tensor) -> torch.Tensor:
+        total: torch.Tensor | None = None
+        count = 0
+        for net, flips in plans:
+            for axes in flips:
+                x = torch.flip(windows, axes) if axes else windows
+                with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=autocast):
+                    logits = net(x)
+                probs = torch.softmax(logits.float(), dim=1)
+                probs = torch.flip(probs, axes) if axes else probs
+                total = probs if total is None else total.add_(probs)
+                count += 1
+        assert total is not None
+        return total.div_(count)
+
+    return predict
+
+
+def _output_device(image: torch.Tensor, n_classes: int, device: torch.device) -> torch.device:
+    """Stitch on the GPU when the output takes under a quarter of its free memory, else on the host."""
+    if device.type != "cuda":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    need = (n_classes + 1) * image[0].numel() * 4
+    return device if need < free / 4 else torch.device("cpu")
+
+
+def probabilities(
+    image: torch.Tensor, models: Sequence[tuple[nn.Module, ModelSpec]], config: PredictConfig, device: torch.device
+) -> torch.Tensor:
+    """Softmax probabilities (classes, *spatial) of one preprocessed image (channels, *spatial),
+    averaged over models and flips, on the host."""
+    from monai.inferers import sliding_window_inference
+
+    spec = models[0][1]
+    out_device = _output_device(image, spec.plan.n_classes, device)
+    with torch.no_grad():
+        stitched = sliding_window_inference(
+            image[None], spec.roi_size, config.sw_batch_size, window_predictor(models, config, device),
+            overlap=config.overlap, mode="gaussian" if config.gaussian else "constant",
+            sw_device=device, device=out_device,
+        )
+    return torch.as_tensor(stitched)[0].cpu()
+
+
+@dataclass
+class Restored:
+    """One scan's outputs on its own grid."""
+
+    mask: np.ndarray  # uint8 labels
+    uncertainty: np.ndarray | None = None  # float32, 0..1
+    probabilities: np.ndarray | None = None  # uint8 (spatial..., classes), probability x 255
+
+
+def restore(
+    probs: torch.Tensor, data: dict[str, Any], inverter: Any, *, uncertainty: bool, keep_probabilities: bool
+) -> Restored:
+    """``probs`` (classes, *preprocessed grid) back on the scan's grid, class by class.
+
+    ``data`` is the preprocessing output of the scan (its ``image`` carries the applied
+    operations), ``inverter`` a MONAI ``Invertd`` of key ``pred`` built on that chain."""
+    from monai.data import MetaTensor
+
+    meta = dict(data["image"].meta)
+
+    def invert(channel: torch.Tensor) -> torch.Tensor:
+        restored = inverter({**data, "pred": MetaTensor(channel[None].float(), meta=meta)})["pred"]
+        return torch.as_tensor(restored)[0]
+
+    best: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    kept: list[np.ndarray] = []
+    for c in range(probs.shape[0]):
+        channel = invert(probs[c])
+        if keep_probabilities:
+            kept.append((channel.clamp(0, 1) * PROBABILITY_SCALE).round().to(torch.uint8).numpy())
+        if best is None:
+            best, mask = channel, torch.zeros(channel.shape, dtype=torch.uint8)
+            continue
+        assert mask is not None
+        higher = channel > best  # strict: ties keep the lower class, as argmax does
+        mask[higher] = c
+        best = torch.maximum(best, channel, out=best)
+    assert mask is not None
+    del best
+    out = Restored(mask.numpy())
+    if uncertainty:
+        out.uncertainty = invert(normalized_entropy(probs)).clamp(0, 1).numpy().astype(np.float32)
+    if keep_probabilities:
+        out.probabilities = np.stack(kept, axis=-1)
+    return out
+
+
+def uncertainty_score(probs: torch.Tensor) -> float:
+    """The case's uncertainty (``medseg.qc``): mean normalized entropy over the voxels whose argmax
+    is foreground, on the model's grid; 0 without foreground."""
+    foreground = probs.argmax(0) > 0
+    if not bool(foreground.any()):
+        return 0.0
+    return float(normalized_entropy(probs)[foreground].mean())

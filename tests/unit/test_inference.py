@@ -1,0 +1,87 @@
+"""Unit tests of medseg.inference: test-time flips per window, and restoring probabilities class by class."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_nifti
+from test_transforms import lps_affine, make_plan, two_boxes
+from torch import nn
+
+from medseg.config import NetworkConfig, PredictConfig, PreprocessConfig
+from medseg.inference import flip_sets, restore, uncertainty_score, window_predictor
+from medseg.modelio import ModelSpec
+from medseg.transforms import preprocessing
+
+
+def test_test_time_flips_follow_the_plans_mirror_axes() -> None:
+    assert flip_sets((8, 8, 8), False, None) == [()]
+    assert len(flip_sets((8, 8, 8), True, None)) == 8
+    assert flip_sets((8, 8, 8), True, (0, 2)) == [(), (2,), (4,), (2, 4)]  # tensor dims of (B, C, x, y, z)
+    assert flip_sets((8, 8, 8), True, ()) == [()]
+    assert flip_sets((8, 8, 1), True, (1, 2)) == [(), (3,)]  # 2D: the slice axis is never flipped
+
+
+class Ramp(nn.Module):
+    """Logits (class 0: the image, class 1: a ramp along x times ``gain``): not mirror-symmetric."""
+
+    def __init__(self, gain: float) -> None:
+        super().__init__()
+        self.gain = gain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ramp = torch.arange(x.shape[2], dtype=x.dtype).reshape(1, 1, -1, 1, 1).expand_as(x)
+        return torch.cat([x, self.gain * ramp], dim=1)
+
+
+def _spec(mirror_axes: tuple[int, ...]) -> ModelSpec:
+    plan = make_plan((1.0, 1.0, 1.0)).model_copy(update={"mirror_axes": mirror_axes, "labels": {0: "bg", 1: "fg"}})
+    return ModelSpec(plan=plan, preprocess=PreprocessConfig(), network=NetworkConfig(), roi_size=(4, 4, 4))
+
+
+def test_windows_average_models_and_flips_undone() -> None:
+    x = torch.randn(2, 1, 4, 4, 4)
+    models = [(Ramp(1.0), _spec((0,))), (Ramp(0.5), _spec((0,)))]
+    got = window_predictor(models, PredictConfig(tta_flips=True), torch.device("cpu"))(x)
+    expected = torch.zeros_like(got)
+    for net, _ in models:
+        expected += torch.softmax(net(x), 1)
+        expected += torch.flip(torch.softmax(net(torch.flip(x, (2,))), 1), (2,))  # mirrored in, mirrored back
+    torch.testing.assert_close(got, expected / 4)
+    plain = window_predictor(models[:1], PredictConfig(tta_flips=False), torch.device("cpu"))(x)
+    torch.testing.assert_close(plain, torch.softmax(models[0][0](x), 1))
+
+
+def test_restore_class_by_class_is_the_argmax_of_all_classes_restored(tmp_path: Path) -> None:
+    from monai.data import MetaTensor
+    from monai.transforms import Invertd
+
+    # An LPS scan of 0.7 x 0.9 x 2.5 mm voxels, resampled to 1.3 mm by the chain and cropped to its non-zero part.
+    image, _ = two_boxes((30, 26, 12), margin=3)
+    write_nifti(tmp_path / "scan.nii.gz", image, lps_affine((0.7, 0.9, 2.5), (5.0, -3.0, 11.0)))
+    chain = preprocessing(make_plan((1.3, 1.3, 1.3)), crop_foreground=True, with_label=False)
+    data = chain({"image": str(tmp_path / "scan.nii.gz")})
+    grid = data["image"].shape[1:]
+    probs = torch.softmax(4 * torch.randn(3, *grid), 0)
+    inverter = Invertd(keys="pred", transform=chain, orig_keys="image", nearest_interp=False)
+
+    restored = restore(probs, data, inverter, uncertainty=True, keep_probabilities=True)
+
+    whole = inverter({**data, "pred": MetaTensor(probs.clone(), meta=dict(data["image"].meta))})["pred"]
+    whole = torch.as_tensor(whole)
+    assert restored.mask.shape == image.shape and restored.mask.dtype == np.uint8
+    np.testing.assert_array_equal(restored.mask, whole.argmax(0).numpy())
+    np.testing.assert_allclose(restored.probabilities / 255, whole.permute(1, 2, 3, 0).clamp(0, 1).numpy(),
+                               atol=0.5 / 255 + 1e-6)
+    assert restored.uncertainty is not None and restored.uncertainty.shape == image.shape
+    assert 0 <= restored.uncertainty.min() and restored.uncertainty.max() <= 1
+
+
+def test_uncertainty_score_is_the_mean_entropy_over_the_foreground() -> None:
+    probs = torch.tensor([[1.0, 0.2, 0.5, 0.9], [0.0, 0.8, 0.5, 0.1]])  # 4 voxels; foreground: voxel 1
+    entropy_of_08 = -(0.8 * np.log(0.8) + 0.2 * np.log(0.2)) / np.log(2)
+    assert uncertainty_score(probs) == pytest.approx(entropy_of_08, abs=1e-6)  # voxel 2's tie goes to class 0
+    assert uncertainty_score(torch.tensor([[0.9, 0.8], [0.1, 0.2]])) == 0.0  # no foreground
