@@ -11,7 +11,7 @@ CORES ?= all
 RESULTS ?= data/results
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test venv clean-results bench-ingest bench-loader bench-accuracy bench-channels bench-deps
+.PHONY: demo test venv clean-results bench-ingest bench-loader bench-accuracy bench-channels bench-predict bench-deps
 
 venv: $(VENV)/.installed
 
@@ -56,6 +56,10 @@ bench-accuracy: bench-deps
 # Training steps per second in the default and in channels-last memory order (train.channels_last)
 bench-channels: venv
 	$(BIN)/python bench/channels.py
+
+# Wall time and peak host memory of predicting 512 x 512 x 300 and x 800 synthetic CT scans
+bench-predict: venv
+	$(BIN)/python bench/predict.py
 
 clean-results:
 	rm -rf $(RESULTS) .snakemake

@@ -79,7 +79,9 @@ def normalize_transform(plan: Plan, key: str = "image") -> Any:
 
 
 def preprocessing(plan: Plan, *, crop_foreground: bool, with_label: bool) -> Compose:
-    """Load, reorient to RAS, crop to the non-zero region, resample, normalize."""
+    """Load, reorient to RAS, crop to the non-zero region, resample, normalize. Without a label
+    (predict), the image is resampled by ``AxisSpacingd``: MONAI's grid and values in a fraction
+    of the memory."""
     from monai.transforms import (
         CastToTyped,
         Compose,
@@ -100,7 +102,12 @@ def preprocessing(plan: Plan, *, crop_foreground: bool, with_label: bool) -> Com
     ]
     if crop_foreground:
         steps.append(CropForegroundd(keys=keys, source_key="image", select_fn=nonzero, allow_smaller=True))
-    steps.append(Spacingd(keys=keys, pixdim=plan.target_spacing_mm, mode=modes))
+    if with_label:
+        steps.append(Spacingd(keys=keys, pixdim=plan.target_spacing_mm, mode=modes))
+    else:  # predict: the same grid and values, without MONAI's whole-grid coordinates (medseg.resample)
+        from medseg.resample import AxisSpacingd
+
+        steps.append(AxisSpacingd(keys="image", pixdim=plan.target_spacing_mm))
     steps.append(normalize_transform(plan))
     return Compose(steps)
 
