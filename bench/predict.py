@@ -22,7 +22,6 @@ import logging
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from medseg.config import PredictConfig
-from medseg.qc import normalized_entropy
+from medseg.qc import SLAB, normalized_entropy
 
 if TYPE_CHECKING:
     from medseg.modelio import ModelSpec
@@ -118,7 +118,7 @@ def restore(
     meta = dict(data["image"].meta)
 
     def invert(channel: torch.Tensor) -> torch.Tensor:
-        restored = inverter({**data, "pred": MetaTensor(channel[None].float(), meta=meta)})["pred"]
+        restored = inverter({**data, "pred": MetaTensor(channel[None], meta=meta)})["pred"]
         return torch.as_tensor(restored)[0]
 
     best: torch.Tensor | None = None
@@ -132,8 +132,7 @@ def restore(
             best, mask = channel, torch.zeros(channel.shape, dtype=torch.uint8)
             continue
         assert mask is not None
-        higher = channel > best  # strict: ties keep the lower class, as argmax does
-        mask[higher] = c
+        mask.masked_fill_(channel > best, c)  # strict: ties keep the lower class, as argmax does
         best = torch.maximum(best, channel, out=best)
     assert mask is not None
     del best
@@ -145,10 +144,24 @@ def restore(
     return out
 
 
+def without_voxels(image: Any) -> Any:
+    """A preprocessed MetaTensor's meta data and applied operations (all ``Invertd`` reads of it),
+    without its voxels, which need not wait in memory for the inversion."""
+    from monai.data import MetaTensor
+
+    light = MetaTensor(torch.zeros(1), meta=dict(image.meta))
+    light.applied_operations = list(image.applied_operations)
+    return light
+
+
 def uncertainty_score(probs: torch.Tensor) -> float:
     """The case's uncertainty (``medseg.qc``): mean normalized entropy over the voxels whose argmax
-    is foreground, on the model's grid; 0 without foreground."""
-    foreground = probs.argmax(0) > 0
-    if not bool(foreground.any()):
-        return 0.0
-    return float(normalized_entropy(probs)[foreground].mean())
+    is foreground, on the model's grid; 0 without foreground. A slab of the last axis at a time."""
+    total, count = 0.0, 0
+    for start in range(0, probs.shape[-1], SLAB):
+        slab = probs[..., start : start + SLAB]
+        foreground = slab[1:].amax(0) > slab[0]  # argmax > 0 (a tie goes to the background, as in argmax)
+        if bool(foreground.any()):
+            total += float(normalized_entropy(slab)[foreground].double().sum())
+            count += int(foreground.sum())
+    return total / count if count else 0.0

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 FLAGS = ("empty", "volume", "uncertain", "edge")
 QC_DIR = "qc"
+SLAB = 8  # planes of the last axis taken at a time by the entropy
 
 
 @dataclass(frozen=True)
@@ -48,14 +49,18 @@ class CaseQC:
 
 
 def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
-    """Entropy of class probabilities (classes first) divided by log(classes): 0 (certain) to 1."""
+    """Entropy of class probabilities (classes first) divided by log(classes): 0 (certain) to 1.
+    Computed a slab of the last axis at a time, so the temporaries stay small for a large scan."""
     import torch
 
     n = probs.shape[0]
+    total = torch.zeros(probs.shape[1:], dtype=torch.float32, device=probs.device)
     if n < 2:
-        return torch.zeros_like(probs[0])
-    clipped = probs.float().clamp(1e-12, 1.0)
-    return -(clipped * clipped.log()).sum(0) / math.log(n)
+        return total
+    for start in range(0, probs.shape[-1], SLAB):
+        chunk = probs[..., start : start + SLAB].float().clamp(1e-12, 1.0)  # a copy: the input stays as it is
+        total[..., start : start + SLAB] = -(chunk * chunk.log()).sum(0) / math.log(n)
+    return total
 
 
 def touches_edge(mask: np.ndarray) -> list[int]:

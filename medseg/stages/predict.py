@@ -45,10 +45,10 @@ from medseg.config import PredictConfig
 from medseg.errors import DataError, MedsegError, ModelError
 from medseg.inference import (
     PROBABILITY_SCALE,
-    flip_sets,
     probabilities,
     restore,
     uncertainty_score,
+    without_voxels,
 )
 from medseg.io import atomic_path, load_nifti, read_json, save_nifti, write_json
 from medseg.manifest import load_manifest
@@ -314,6 +314,8 @@ def predict(
                             image.as_tensor() if isinstance(image, MetaTensor) else image, loaded, config, dev
                         )
                         item.uncertainty = uncertainty_score(item.probs)
+                        item.data["image"] = without_voxels(image)
+                        del image
                         item.probs = item.probs.half()  # halves what waits for the writer
                     except MedsegError as err:
                         failed[case.case_id] = str(err)

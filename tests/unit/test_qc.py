@@ -69,3 +69,9 @@ def test_label_touching_a_face() -> None:
     flat = np.zeros((20, 20, 1), dtype=np.uint8)
     flat[5:10, 5:10, 0] = 2  # a single slice: its one-voxel axis has no faces to touch
     assert touches_edge(flat) == []
+
+
+def test_entropy_leaves_the_probabilities_alone() -> None:
+    probs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    normalized_entropy(probs)
+    assert probs.tolist() == [[1.0, 0.0], [0.0, 1.0]]  # not clamped in place
