@@ -164,6 +164,14 @@ def _open_output(out_dir: Path, record: dict, overwrite: bool) -> bool:
     return resume
 
 
+def _check_scan(scan: Path, shape: tuple[int, ...], channels: int) -> None:
+    """A scan the model can read: 3D, or 4D with the model's number of channels last."""
+    fits = (len(shape) == 3 and channels == 1) or (len(shape) == 4 and shape[3] == channels)
+    if not fits:
+        wanted = "a 3D scan" if channels == 1 else f"a 4D scan with {channels} channels last"
+        raise DataError(f"{scan}: expected {wanted} for this model, found shape {shape}")
+
+
 def _done(out_dir: Path, case_id: str) -> bool:
     return (out_dir / QC_DIR / f"{case_id}.json").is_file() and (out_dir / f"{case_id}.nii.gz").is_file()
 
@@ -251,8 +259,20 @@ def predict(
         def prepare(case: CaseSource) -> _Prepared:
             scan = _as_single_file(case, tmp)
             original = load_nifti(scan)
-            return _Prepared(case, scan, np.asarray(original.affine), tuple(original.shape[:3]),
-                             chain({"image": str(scan)}))
+            _check_scan(scan, tuple(original.shape), first.plan.channels)
+            try:
+                data = chain({"image": str(scan)})
+            except (RuntimeError, ValueError) as err:  # MONAI wraps a failing step's error
+                reason = str(err.__cause__ or err)
+                if first.preprocess.crop_foreground and not np.any(np.asanyarray(original.dataobj)):
+                    reason = "every voxel is 0, so there is no non-zero region to crop to"
+                raise DataError(f"{scan}: could not be preprocessed: {reason}") from None
+            bad = int((~torch.isfinite(data["image"].as_tensor())).sum())
+            if bad:
+                raise DataError(
+                    f"{scan}: expected finite voxel values, found NaN or infinite ones ({bad} after preprocessing)"
+                )
+            return _Prepared(case, scan, np.asarray(original.affine), tuple(original.shape[:3]), data)
 
         def finish(item: _Prepared) -> None:
             case = item.case
@@ -288,8 +308,10 @@ def predict(
                 return future.result()
             except MedsegError as err:
                 failed[case.case_id] = str(err)
-                log.error("case %s failed: %s", case.case_id, err)
-                return None
+            except RuntimeError as err:  # restoring or writing: out of memory, for one
+                failed[case.case_id] = f"{case.case_id}: could not be restored and written: {err}"
+            log.error("case %s failed: %s", case.case_id, failed[case.case_id])
+            return None
 
         with ThreadPoolExecutor(1, thread_name_prefix="medseg-read") as reader, \
                 ThreadPoolExecutor(1, thread_name_prefix="medseg-write") as writer:
@@ -317,9 +339,9 @@ def predict(
                         item.data["image"] = without_voxels(image)
                         del image
                         item.probs = item.probs.half()  # halves what waits for the writer
-                    except MedsegError as err:
-                        failed[case.case_id] = str(err)
-                        log.error("case %s failed: %s", case.case_id, err)
+                    except (MedsegError, RuntimeError) as err:  # RuntimeError: out of memory, for one
+                        failed[case.case_id] = f"{item.scan}: the network failed: {err}"
+                        log.error("case %s failed: %s", case.case_id, failed[case.case_id])
                         item = None
                 if writing is not None:
                     collect(*writing)

@@ -198,3 +198,31 @@ def test_scan_touching_the_edge_is_flagged(model: Path, tmp_path: Path) -> None:
     predict(tmp_path / "scans", tmp_path / "masks", [str(model)])
     qc = json.loads((tmp_path / "masks" / "qc" / "cut.json").read_text())
     assert "edge" in qc["flags"] and "left" in qc["details"]["edge"]
+
+
+def test_bad_scans_are_reported_by_name_and_the_others_go_on(model: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    folder = tmp_path / "scans"
+    good, _ = boxes(rng)
+    with_nan = good.copy()
+    with_nan[3, 3, 3] = np.nan
+    write_nifti(folder / "good.nii.gz", good)
+    write_nifti(folder / "tiny.nii.gz", good[18:23, 18:23, 14:19])  # smaller than the window: padded, fine
+    write_nifti(folder / "two_channels.nii.gz", np.stack([good, good], axis=-1))
+    write_nifti(folder / "flat.nii.gz", good[:, :, 0])
+    write_nifti(folder / "with_nan.nii.gz", with_nan)
+    write_nifti(folder / "blank.nii.gz", np.zeros(SHAPE, dtype=np.float32))
+
+    result = predict(folder, tmp_path / "masks", [str(model)])
+
+    assert sorted(p.name for p in result.written) == ["good.nii.gz", "tiny.nii.gz"]
+    expected = {
+        "two_channels": "two_channels.nii.gz: expected a 3D scan for this model, found shape (40, 40, 32, 2)",
+        "flat": "flat.nii.gz: expected a 3D scan for this model, found shape (40, 40)",
+        "with_nan": "with_nan.nii.gz: expected finite voxel values, found NaN or infinite ones",
+        "blank": "blank.nii.gz: could not be preprocessed: every voxel is 0",
+    }
+    assert sorted(result.failed) == sorted(expected)
+    for case_id, message in expected.items():
+        assert message in result.failed[case_id]
+    assert not (tmp_path / "masks" / "qc" / "blank.json").exists()
