@@ -57,8 +57,8 @@ bench-accuracy: bench-deps
 bench-channels: venv
 	$(BIN)/python bench/channels.py
 
-# Wall time and peak host memory of predicting 512 x 512 x 300 and x 800 synthetic CT scans
-bench-predict: venv
+# Prediction: seconds per case, peak memory and Dice, medseg against nnU-Net v2's predictor
+bench-predict: bench-deps
 	$(BIN)/python bench/predict.py
 
 clean-results:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-DATASET_ID = 4
 DATASET_NAME = "Dataset004_Hippocampus"
 
 
@@ -34,7 +33,7 @@ def set_environment(work: Path) -> None:
     os.environ.update(environment(work))
 
 
-def raw_dataset(msd: Path, work: Path) -> Path:
+def raw_dataset(msd: Path, work: Path, dataset: str = DATASET_NAME) -> Path:
     """nnU-Net's raw layout of an MSD single-channel task: ``imagesTr/<case>_0000.nii.gz`` (links to the
     MSD files, which stay untouched), ``labelsTr/<case>.nii.gz`` and a v2 ``dataset.json``.
 
@@ -43,7 +42,7 @@ def raw_dataset(msd: Path, work: Path) -> Path:
     meta = json.loads((msd / "dataset.json").read_text())
     if len(meta.get("modality", {"0": ""})) != 1:
         raise SystemExit(f"{msd}/dataset.json: expected one channel, found modality {meta.get('modality')}")
-    out = work / "raw" / DATASET_NAME
+    out = work / "raw" / dataset
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
     for item in meta["training"]:
@@ -60,13 +59,14 @@ def raw_dataset(msd: Path, work: Path) -> Path:
     return out
 
 
-def plan_and_preprocess(msd: Path, work: Path, processes: int) -> Path:
+def plan_and_preprocess(msd: Path, work: Path, processes: int, dataset: str = DATASET_NAME) -> Path:
     """Run ``nnUNetv2_plan_and_preprocess`` for 3d_fullres (once; kept in ``work``); return the
-    preprocessed dataset folder."""
-    raw_dataset(msd, work)
-    pre = work / "preprocessed" / DATASET_NAME
+    preprocessed dataset folder. ``dataset``: nnU-Net's name, ``Dataset<id>_<name>``."""
+    raw_dataset(msd, work, dataset)
+    pre = work / "preprocessed" / dataset
     if not (pre / "nnUNetPlans_3d_fullres").is_dir():
-        cmd = [str(Path(sys.executable).parent / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID),
+        dataset_id = int(dataset.removeprefix("Dataset").split("_")[0])
+        cmd = [str(Path(sys.executable).parent / "nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id),
                "-c", "3d_fullres", "-np", str(processes), "--verify_dataset_integrity"]
         log.info("nnU-Net: %s", " ".join(cmd))
         subprocess.run(cmd, env={**os.environ, **environment(work)}, check=True, stdout=subprocess.DEVNULL)
