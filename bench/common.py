@@ -12,15 +12,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from medseg.config import PlanConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "experiments" / "hippocampus.yaml"
 log = logging.getLogger("bench")
 
 
-def medseg_data(msd: Path, work: Path) -> tuple[Path, Path, Path]:
-    """medseg's preprocessed cases, plan and splits under ``work/medseg`` (made once)."""
+def medseg_data(msd: Path, work: Path, config: PlanConfig | None = None) -> tuple[Path, Path, Path]:
+    """medseg's preprocessed cases, plan (``config``, default the defaults) and splits under
+    ``work/medseg`` (made once)."""
     from medseg.stages.ingest import ingest
     from medseg.stages.plan import plan
     from medseg.stages.preprocess import preprocess
@@ -28,7 +32,7 @@ def medseg_data(msd: Path, work: Path) -> tuple[Path, Path, Path]:
     out = work / "medseg"
     if not (out / "preprocessed" / "index.json").exists():
         ingest(msd, out / "ingest", workers=os.cpu_count() or 1)
-        plan(out / "ingest" / "manifest.json", out / "plan")
+        plan(out / "ingest" / "manifest.json", out / "plan", config)
         preprocess(out / "ingest" / "manifest.json", out / "plan" / "plan.json", out / "preprocessed")
     return out / "preprocessed", out / "plan" / "plan.json", out / "plan" / "splits.json"
 

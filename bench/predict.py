@@ -104,24 +104,23 @@ def training_cases(msd: Path) -> Path:
 
 
 def train_medseg(msd: Path, work: Path) -> tuple[Path, int]:
+    """medseg's data (``work/medseg``) and a dynunet of FEATURES trained on it: its checkpoint and size."""
     import torch
+    from common import medseg_data
 
     from medseg.config import NetworkConfig, PlanConfig, TrainConfig
     from medseg.modelio import load_checkpoint_model
-    from medseg.stages.ingest import ingest
-    from medseg.stages.plan import plan
-    from medseg.stages.preprocess import preprocess
     from medseg.stages.train import train
 
-    manifest = ingest(msd, work / "ingest").manifest_path
-    plan(manifest, work / "plan", PlanConfig(n_folds=3, target_spacing_mm=(1.0, 1.0, 1.0), batch_size=2,
-                                             base_features=FEATURES[0], max_features=FEATURES[-1]))
-    preprocess(manifest, work / "plan" / "plan.json", work / "pre")
+    pre, plan_path, splits = medseg_data(msd, work, PlanConfig(
+        n_folds=3, target_spacing_mm=(1.0, 1.0, 1.0), batch_size=2, base_features=FEATURES[0],
+        max_features=FEATURES[-1]))
     config = TrainConfig(network=NetworkConfig(name="dynunet"), epochs=60, val_every=20, num_workers=0, seed=3,
                          learning_rate=3e-2)
-    train(work / "pre", work / "plan" / "plan.json", work / "plan" / "splits.json", work / "model", config)
-    net, _ = load_checkpoint_model(work / "model" / "best.pt", torch.device("cpu"))
-    return work / "model" / "best.pt", sum(p.numel() for p in net.parameters())
+    model = work / "medseg" / "model"
+    train(pre, plan_path, splits, model, config)
+    net, _ = load_checkpoint_model(model / "best.pt", torch.device("cpu"))
+    return model / "best.pt", sum(p.numel() for p in net.parameters())
 
 
 def train_nnunet(msd: Path, work: Path) -> tuple[Path, int]:
@@ -225,7 +224,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         msd = training_cases(work / "msd")
-        models = {"medseg": train_medseg(msd, work / "medseg"), "nnunet": train_nnunet(msd, work / "nnunet")}
+        models = {"medseg": train_medseg(msd, work), "nnunet": train_nnunet(msd, work / "nnunet")}
         env = {**os.environ, **__import__("nnunet").environment(work / "nnunet")}
         sets = ([("small", None)] if args.small else []) + [(f"512x512x{n}", n) for n in args.slices]
         rows = []

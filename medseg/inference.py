@@ -16,7 +16,6 @@ memory holds one float channel of the scan's grid plus the uint8 mask, not all c
 from __future__ import annotations
 
 import itertools
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -30,8 +29,6 @@ from medseg.qc import SLAB, normalized_entropy
 
 if TYPE_CHECKING:
     from medseg.modelio import ModelSpec
-
-log = logging.getLogger(__name__)
 
 PROBABILITY_SCALE = 255  # probability maps are stored as uint8 with a NIfTI slope of 1/255
 
@@ -121,24 +118,22 @@ def restore(
         restored = inverter({**data, "pred": MetaTensor(channel[None], meta=meta)})["pred"]
         return torch.as_tensor(restored)[0]
 
-    best: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
-    kept: list[np.ndarray] = []
-    for c in range(probs.shape[0]):
+    def quantized(channel: torch.Tensor) -> np.ndarray:
+        return (channel.clamp(0, 1) * PROBABILITY_SCALE).round().to(torch.uint8).numpy()
+
+    best = invert(probs[0])
+    mask = torch.zeros(best.shape, dtype=torch.uint8)
+    kept = [quantized(best)] if keep_probabilities else []
+    for c in range(1, probs.shape[0]):
         channel = invert(probs[c])
         if keep_probabilities:
-            kept.append((channel.clamp(0, 1) * PROBABILITY_SCALE).round().to(torch.uint8).numpy())
-        if best is None:
-            best, mask = channel, torch.zeros(channel.shape, dtype=torch.uint8)
-            continue
-        assert mask is not None
+            kept.append(quantized(channel))
         mask.masked_fill_(channel > best, c)  # strict: ties keep the lower class, as argmax does
-        best = torch.maximum(best, channel, out=best)
-    assert mask is not None
+        torch.maximum(best, channel, out=best)
     del best
     out = Restored(mask.numpy())
     if uncertainty:
-        out.uncertainty = invert(normalized_entropy(probs)).clamp(0, 1).numpy().astype(np.float32)
+        out.uncertainty = invert(normalized_entropy(probs)).clamp(0, 1).numpy()
     if keep_probabilities:
         out.probabilities = np.stack(kept, axis=-1)
     return out

@@ -87,6 +87,11 @@ def is_nifti(path: Path) -> bool:
     return path.name.endswith(NIFTI_SUFFIXES) and not path.name.startswith("._")
 
 
+def voxel_volume_ml(affine: np.ndarray) -> float:
+    """The volume of one voxel of a grid with this affine (mm), in mL."""
+    return abs(float(np.linalg.det(np.asarray(affine, dtype=float)[:3, :3]))) / 1000.0
+
+
 def load_nifti(path: Path) -> nib.Nifti1Image:
     """Load a NIfTI file and read its voxels now, so a damaged file fails here with its name."""
     path = Path(path)

@@ -31,7 +31,6 @@ from medseg.io import read_json
 if TYPE_CHECKING:
     import torch
 
-FLAGS = ("empty", "volume", "uncertain", "edge")
 QC_DIR = "qc"
 SLAB = 8  # planes of the last axis taken at a time by the entropy
 
@@ -87,7 +86,10 @@ def case_qc(
     max_uncertainty: float,
 ) -> CaseQC:
     """The volumes and flags of one mask (integer labels on the scan's grid)."""
-    counts = np.bincount(mask.ravel(), minlength=max(labels) + 1)
+    import torch
+
+    # torch counts uint8 as it is; numpy's bincount would first copy the mask as int64 (8 bytes a voxel)
+    counts = torch.bincount(torch.from_numpy(np.ascontiguousarray(mask)).reshape(-1), minlength=max(labels) + 1).numpy()
     volumes = {labels[k]: float(counts[k]) * voxel_ml for k in sorted(labels) if k != 0}
     flags: list[str] = []
     details: dict[str, str] = {}

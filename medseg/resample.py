@@ -40,7 +40,7 @@ def resample_axis(x: torch.Tensor, axis: int, size: int, step: float, offset: fl
     n = x.shape[axis]
     positions = torch.arange(size, dtype=torch.float64) * step + offset
     positions = positions.clamp(0, n - 1)
-    low = positions.floor().long().clamp(max=n - 1)
+    low = positions.floor().long()
     high = (low + 1).clamp(max=n - 1)
     weight = (positions - low).to(x.dtype).to(x.device)
     shape = [1] * x.ndim
@@ -54,10 +54,9 @@ def resample_axis(x: torch.Tensor, axis: int, size: int, step: float, offset: fl
     return out
 
 
-def resample_axes(x: torch.Tensor, shape: Sequence[int], steps: Sequence[float],
-                  offsets: Sequence[float] | None = None) -> torch.Tensor:
-    """``x`` (channels, *spatial) resampled to ``shape``, axis by axis, the most shrinking axis first."""
-    offsets = list(offsets) if offsets is not None else [0.0] * len(shape)
+def resample_axes(x: torch.Tensor, shape: Sequence[int], steps: Sequence[float], offsets: Sequence[float]) -> torch.Tensor:
+    """``x`` (channels, *spatial) resampled to ``shape`` (output voxel i of axis a at input position
+    ``offsets[a] + i * steps[a]``), axis by axis, the most shrinking axis first."""
     order = sorted(range(len(shape)), key=lambda a: shape[a] / x.shape[1 + a])
     out = x
     for a in order:
@@ -98,9 +97,9 @@ class AxisSpacingd(MapTransform, InvertibleTransform):
             new_affine[:3, 3] = offset[:3]
             steps, offsets = _voxel_map(affine, new_affine, str(img.meta.get("filename_or_obj", key)))
             out = resample_axes(img.as_tensor(), [int(s) for s in shape_out], steps, offsets)
-            result = MetaTensor(out, affine=torch.as_tensor(new_affine), meta=dict(img.meta))
+            result = MetaTensor(out, meta=dict(img.meta))
             result.applied_operations = list(img.applied_operations)
-            result.meta["affine"] = torch.as_tensor(new_affine)
+            result.affine = torch.as_tensor(new_affine)
             self.push_transform(result, orig_size=shape_in, extra_info={"orig_affine": affine.tolist()})
             d[key] = result
         return d

@@ -29,7 +29,14 @@ import numpy as np
 
 from medseg.config import EvaluateConfig
 from medseg.errors import DataError, GeometryMismatchError
-from medseg.io import atomic_path, is_nifti, load_nifti, strip_nifti_suffix, write_json
+from medseg.io import (
+    atomic_path,
+    is_nifti,
+    load_nifti,
+    strip_nifti_suffix,
+    voxel_volume_ml,
+    write_json,
+)
 from medseg.manifest import load_manifest
 from medseg.qc import read_case_qc
 
@@ -204,7 +211,7 @@ def evaluate(
             ref = np.asarray(ref_img.dataobj).round().astype(np.int64)
             pred = np.asarray(pred_img.dataobj).round().astype(np.int64)
             spacing = np.sqrt((ref_img.affine[:3, :3] ** 2).sum(axis=0))
-            voxel_ml = abs(float(np.linalg.det(ref_img.affine[:3, :3]))) / 1000.0
+            voxel_ml = voxel_volume_ml(ref_img.affine)
             try:
                 metrics = case_metrics(pred, ref, list(names), spacing, config.surface_tolerance_mm)
             except GeometryMismatchError as err:

@@ -50,7 +50,14 @@ from medseg.inference import (
     uncertainty_score,
     without_voxels,
 )
-from medseg.io import atomic_path, load_nifti, read_json, save_nifti, write_json
+from medseg.io import (
+    atomic_path,
+    load_nifti,
+    read_json,
+    save_nifti,
+    voxel_volume_ml,
+    write_json,
+)
 from medseg.manifest import load_manifest
 from medseg.modelio import ModelSpec, load_model, resolve_device
 from medseg.qc import QC_DIR, case_qc
@@ -188,13 +195,10 @@ class _Prepared:
 
 
 def _write_table(out_dir: Path, case_ids: Sequence[str]) -> Path:
-    """``cases.csv``: the QC record of every case of ``case_ids`` that is done."""
+    """``cases.csv``: the QC record of every case of ``case_ids`` (cases that are done)."""
     rows = []
     for case_id in case_ids:
-        path = out_dir / QC_DIR / f"{case_id}.json"
-        if not path.is_file():
-            continue
-        qc = read_json(path)
+        qc = read_json(out_dir / QC_DIR / f"{case_id}.json")
         rows.append({
             "case_id": case_id, "mask": f"{case_id}.nii.gz", "uncertainty": round(qc["uncertainty"], 6),
             "flags": ";".join(qc["flags"]),
@@ -222,7 +226,6 @@ def predict(
     overwrite: bool = False,
 ) -> PredictResult:
     """Write one mask per scan found at ``input_path`` into ``out_dir``; see the module doc."""
-    from monai.data import MetaTensor
     from monai.transforms import Invertd
 
     from medseg.transforms import preprocessing
@@ -242,7 +245,6 @@ def predict(
     chain = preprocessing(first.plan, crop_foreground=first.preprocess.crop_foreground, with_label=False)
     inverter = Invertd(keys="pred", transform=chain, orig_keys="image", nearest_interp=False)
     cases = cases_from_input(input_path, case_ids)
-    labels = dict(first.plan.labels) or {k: str(k) for k in range(first.plan.n_classes)}
     out_dir = Path(out_dir)
     resume = _open_output(out_dir, _run_record(models, loaded, config), overwrite)
     skipped = [c.case_id for c in cases if resume and _done(out_dir, c.case_id)]
@@ -293,7 +295,7 @@ def predict(
                 save_nifti(out_dir / "probabilities" / f"{case.case_id}.nii.gz", restored.probabilities,
                            item.affine, slope=1.0 / PROBABILITY_SCALE)
             qc = case_qc(
-                case.case_id, restored.mask, abs(float(np.linalg.det(item.affine[:3, :3]))) / 1000.0, labels,
+                case.case_id, restored.mask, voxel_volume_ml(item.affine), first.plan.labels,
                 item.uncertainty, volume_range=first.plan.fingerprint.class_volume_ml,
                 volume_tolerance=config.volume_tolerance, max_uncertainty=config.max_uncertainty,
             )
@@ -332,9 +334,7 @@ def predict(
                 if item is not None:
                     try:
                         image = item.data["image"]
-                        item.probs = probabilities(
-                            image.as_tensor() if isinstance(image, MetaTensor) else image, loaded, config, dev
-                        )
+                        item.probs = probabilities(image.as_tensor(), loaded, config, dev)
                         item.uncertainty = uncertainty_score(item.probs)
                         item.data["image"] = without_voxels(image)
                         del image
