@@ -59,15 +59,19 @@ def raw_dataset(msd: Path, work: Path, dataset: str = DATASET_NAME) -> Path:
     return out
 
 
-def plan_and_preprocess(msd: Path, work: Path, processes: int, dataset: str = DATASET_NAME) -> Path:
+def plan_and_preprocess(msd: Path, work: Path, processes: int, dataset: str = DATASET_NAME,
+                        preprocess: bool = True) -> Path:
     """Run ``nnUNetv2_plan_and_preprocess`` for 3d_fullres (once; kept in ``work``); return the
-    preprocessed dataset folder. ``dataset``: nnU-Net's name, ``Dataset<id>_<name>``."""
+    preprocessed dataset folder. ``dataset``: nnU-Net's name, ``Dataset<id>_<name>``;
+    ``preprocess=False``: plan only (``--no_pp``)."""
     raw_dataset(msd, work, dataset)
     pre = work / "preprocessed" / dataset
-    if not (pre / "nnUNetPlans_3d_fullres").is_dir():
+    done = pre / ("nnUNetPlans_3d_fullres" if preprocess else "nnUNetPlans.json")
+    if not done.exists():
         dataset_id = int(dataset.removeprefix("Dataset").split("_")[0])
         cmd = [str(Path(sys.executable).parent / "nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id),
                "-c", "3d_fullres", "-np", str(processes), "--verify_dataset_integrity"]
+        cmd += [] if preprocess else ["--no_pp"]
         log.info("nnU-Net: %s", " ".join(cmd))
         subprocess.run(cmd, env={**os.environ, **environment(work)}, check=True, stdout=subprocess.DEVNULL)
     return pre

@@ -1,30 +1,38 @@
 """Prediction against nnU-Net v2's predictor: wall time, peak host memory and Dice, in one run.
 
-    .venv/bin/python bench/predict.py [--slices 300] [--small 20] [--work DIR]
+    .venv/bin/python bench/predict.py [--data ../shared/data/hippocampus] [--cases 42] [--slices 300]
+                                      [--model best.pt | --train-minutes 6] [--work DIR]
                                       [--out bench/results/predict.json]
 
-Both tools get a model of the same kind (nnU-Net's U-Net) with the same feature maps per stage,
-trained here on the same synthetic cases:
-two adjacent boxes (labels 1 and 2) brighter than a noisy background, on a 1 mm grid,
-40 x 40 x 32 voxels.
-- medseg: `dynunet` (nnU-Net's U-Net) on medseg's planned topology, with 4 to 16 feature maps.
-  It is trained for 60 short epochs.
-- nnU-Net: its own planning and preprocessing. Its `PlainConvUNet` is cut to 3 stages of 4, 8
-  and 16 feature maps, and trained by `nnUNetTrainer` for 4 epochs of 50 iterations.
-The parameter counts of both networks are printed (medseg's plan gives it more stages).
-nnU-Net took about 10 minutes for one 300-slice scan on a 2-core CPU, so 800 slices is left to
-``--slices 300 800`` on a larger machine.
+**One network, two predictors.** medseg trains a `dynunet` (nnU-Net's U-Net in MONAI: 4 stages
+of 8 to 64 feature maps, patch 40 x 56 x 40) on fold 0 of MSD Task04 Hippocampus, or takes the
+checkpoint given with ``--model``. The same weights, traced to TorchScript, are handed to nnU-Net's
+``nnUNetPredictor`` through ``manual_initialization``, so both tools run one network of one size
+and any difference in Dice comes from the predictors themselves (reading, resampling,
+normalization, stitching, export). nnU-Net's process never imports medseg or MONAI.
 
-The scans:
-- `--small` cases of the training size;
-- for each `--slices` value, one 512 x 512 x N int16 scan of 0.8 x 0.8 x 1 mm voxels, stored LPS,
-  with larger boxes of the same intensities.
+nnU-Net plans the dataset itself (``nnUNetv2_plan_and_preprocess --no_pp``). Its 3d_fullres
+configuration is then given medseg's patch and spacing, and it reads with
+``NibabelIOWithReorient`` and ``transpose_forward`` (2, 1, 0), so that its network sees the RAS
+arrays medseg's network was trained on. Everything else is nnU-Net's own: z-score per case,
+third-order resampling of images, linear resampling of probabilities, export.
 
-Every scan has a known label. Each tool predicts each set in a fresh process, with 50% window
-overlap, Gaussian weighting, no mirroring, one worker for reading and one for writing. A sampler
-in this process adds up the resident memory of that process and all its children every 20 ms
-and keeps the peak. The bench prints wall time per case, peak memory, mean Dice against the
-known labels, and the ratios nnU-Net / medseg, and writes all of it as JSON.
+The scans (the same files for both tools):
+- ``hippocampus``: the first ``--cases`` validation cases of fold 0 (not seen in training), 1 mm.
+- ``512x512xN`` for each ``--slices`` value: a CT-sized scan built from the validation cases.
+  Each case is z-scored and cropped or padded to 36 x 50 x 36, the tiles fill a 1 mm grid of
+  410 x 410 x N, which is then resampled (linear; labels nearest) to 512 x 512 x N voxels of
+  0.8 x 0.8 x 1 mm, stored LPS as int16 (z x 100). Both tools resample it to 1 mm, predict,
+  and resample back.
+
+Each tool predicts each set in a fresh process, with 50% window overlap, Gaussian weighting, no
+mirroring, one worker for reading and one for writing. A sampler in this process adds up the
+resident memory of that process and all its children every 20 ms and keeps the peak. The bench
+prints wall time per case, peak memory, mean Dice over cases and classes against the reference
+labels, and the ratios nnU-Net / medseg, and writes all of it as JSON.
+
+Data: MSD Task04 Hippocampus (Simpson et al. 2019, arXiv:1902.09063; Vanderbilt University
+Medical Center; CC-BY-SA 4.0).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import argparse
 import json
 import logging
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -46,8 +55,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 log = logging.getLogger("bench.predict")
 
-NNUNET_DATASET = "Dataset905_Boxes"
-FEATURES = (4, 8, 16)
+FEATURES = (8, 64)  # first stage, most: 8, 16, 32, 64 on the hippocampus topology
+TILE = (36, 50, 36)  # the median hippocampus shape, about
+CT_SPACING = (0.8, 0.8, 1.0)
 
 MEDSEG = """
 import sys
@@ -57,28 +67,73 @@ predict(sys.argv[1], sys.argv[2], [sys.argv[3]], PredictConfig(overlap=0.5, tta_
 """
 
 NNUNET = """
-import sys, torch
+import json, sys, torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+images, out, model, plans_json, dataset_json = sys.argv[1:6]
+network = torch.jit.load(model).eval()
+plans = PlansManager(plans_json)
 predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
                             perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
-predictor.initialize_from_trained_model_folder(sys.argv[3], use_folds=(0,), checkpoint_name="checkpoint_final.pth")
-predictor.predict_from_files(sys.argv[1], sys.argv[2], save_probabilities=False, overwrite=True,
+predictor.manual_initialization(network, plans, plans.get_configuration("3d_fullres"), [network.state_dict()],
+                                json.loads(open(dataset_json).read()), "nnUNetTrainer", None)
+predictor.predict_from_files(images, out, save_probabilities=False, overwrite=True,
                              num_processes_preprocessing=1, num_processes_segmentation_export=1)
 """
 
 
-def boxes(rng: np.random.Generator, shape: tuple[int, int, int], size: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Two adjacent boxes (labels 1, 2) of ``size`` voxels each near the centre, on N(10, 1) noise (+6, +12)."""
-    label = np.zeros(shape, dtype=np.uint8)
-    centre = [s // 2 + int(rng.integers(-3, 4)) for s in shape]
-    lo = [c - s // 2 for c, s in zip(centre, size)]
-    x0 = centre[0] - size[0]
-    label[x0 : x0 + size[0], lo[1] : lo[1] + size[1], lo[2] : lo[2] + size[2]] = 1
-    label[x0 + size[0] : x0 + 2 * size[0], lo[1] : lo[1] + size[1], lo[2] : lo[2] + size[2]] = 2
-    image = rng.normal(10.0, 1.0, size=shape).astype(np.float32)
-    image[label == 1] += 6
-    image[label == 2] += 12
-    return image, label
+def medseg_model(msd: Path, work: Path, minutes: float, given: Path | None) -> tuple[Path, Path]:
+    """medseg's data under ``work/medseg`` and the ``given`` checkpoint, or a dynunet of FEATURES trained
+    on fold 0 for ``minutes`` (kept: a second run reuses it). Returns the checkpoint and the splits."""
+    from common import medseg_data, timed_train
+
+    from medseg.config import PlanConfig
+    from medseg.stages.plan import plan
+
+    pre, _, splits = medseg_data(msd, work)
+    if given is not None:
+        return given, splits
+    plan_path = plan(work / "medseg" / "ingest" / "manifest.json", work / "medseg" / "plan-predict",
+                     PlanConfig(batch_size=2, base_features=FEATURES[0], max_features=FEATURES[1])).plan_path
+    out = work / "medseg" / f"predict-model-{minutes:g}min"
+    if not (out / "best.pt").exists():
+        timed_train(pre, plan_path, splits, out, {"network": {"name": "dynunet"}, "epochs": 200, "val_every": 5,
+                                                  "max_minutes": minutes})
+    return out / "best.pt", splits
+
+
+def torchscript(checkpoint: Path, out: Path) -> tuple[Path, int, tuple[int, ...], tuple[float, ...]]:
+    """The checkpoint's network as TorchScript (checked against it), its parameter count, patch and spacing."""
+    import torch
+
+    from medseg.modelio import load_checkpoint_model
+
+    net, spec = load_checkpoint_model(checkpoint, torch.device("cpu"))
+    patch, spacing = tuple(spec.plan.patch_size), tuple(spec.plan.target_spacing_mm)
+    x = torch.randn(1, spec.plan.channels, *patch)
+    with torch.no_grad():
+        scripted = torch.jit.trace(net, x)  # MONAI's DynUNet does not script; nnU-Net runs windows of one patch
+        x = torch.randn(1, spec.plan.channels, *patch)
+        diff = float((scripted(x) - net(x)).abs().max())
+    if diff > 1e-4:
+        raise SystemExit(f"TorchScript of {checkpoint} differs from the network by {diff}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scripted.save(str(out))
+    return out, sum(p.numel() for p in net.parameters()), patch, spacing
+
+
+def nnunet_plans(msd: Path, work: Path, patch: tuple[int, ...], spacing: tuple[float, ...]) -> tuple[Path, Path]:
+    """nnU-Net's own plans for the dataset, given medseg's patch and spacing and RAS (x, y, z) arrays."""
+    import nnunet
+
+    pre = nnunet.plan_and_preprocess(msd, work, 1, preprocess=False)
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    plans.update(image_reader_writer="NibabelIOWithReorient", transpose_forward=[2, 1, 0],
+                 transpose_backward=[2, 1, 0])
+    plans["configurations"]["3d_fullres"].update(patch_size=list(patch), spacing=list(spacing))
+    out = work / "bench-plans.json"
+    out.write_text(json.dumps(plans, indent=1))
+    return out, pre / "dataset.json"
 
 
 def _save(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
@@ -88,75 +143,61 @@ def _save(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
     nib.save(nib.Nifti1Image(data, affine), str(path))
 
 
-def training_cases(msd: Path) -> Path:
-    """An MSD folder of 6 training cases (CT: both tools normalize with the foreground statistics)."""
-    rng = np.random.default_rng(0)
-    training = []
-    for i in range(6):
-        image, label = boxes(rng, (40, 40, 32), (12, 20, 20))
-        _save(msd / "imagesTr" / f"c{i}.nii.gz", image, np.eye(4))
-        _save(msd / "labelsTr" / f"c{i}.nii.gz", label, np.eye(4))
-        training.append({"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"})
-    info = {"name": "Boxes", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "left", "2": "right"},
-            "training": training, "test": []}
-    (msd / "dataset.json").write_text(json.dumps(info))
-    return msd
+def hippocampus_set(msd: Path, cases: list[str], folder: Path) -> Path:
+    """``images/<case>_0000.nii.gz`` (the name both tools read; links to the MSD files) and ``labels/``."""
+    for case in cases:
+        for src, dst in ((msd / "imagesTr" / f"{case}.nii.gz", folder / "images" / f"{case}_0000.nii.gz"),
+                         (msd / "labelsTr" / f"{case}.nii.gz", folder / "labels" / f"{case}.nii.gz")):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if not dst.exists():
+                dst.symlink_to(src.resolve())
+    return folder
 
 
-def train_medseg(msd: Path, work: Path) -> tuple[Path, int]:
-    """medseg's data (``work/medseg``) and a dynunet of FEATURES trained on it: its checkpoint and size."""
-    import torch
-    from common import medseg_data
-
-    from medseg.config import NetworkConfig, PlanConfig, TrainConfig
-    from medseg.modelio import load_checkpoint_model
-    from medseg.stages.train import train
-
-    pre, plan_path, splits = medseg_data(msd, work, PlanConfig(
-        n_folds=3, target_spacing_mm=(1.0, 1.0, 1.0), batch_size=2, base_features=FEATURES[0],
-        max_features=FEATURES[-1]))
-    config = TrainConfig(network=NetworkConfig(name="dynunet"), epochs=60, val_every=20, num_workers=0, seed=3,
-                         learning_rate=3e-2)
-    model = work / "medseg" / "model"
-    train(pre, plan_path, splits, model, config)
-    net, _ = load_checkpoint_model(model / "best.pt", torch.device("cpu"))
-    return model / "best.pt", sum(p.numel() for p in net.parameters())
+def _fit(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``a`` centre-cropped or zero-padded to ``shape``."""
+    out = np.zeros(shape, dtype=a.dtype)
+    src, dst = [], []
+    for n, m in zip(a.shape, shape):
+        lo = abs(n - m) // 2
+        src.append(slice(lo, lo + m) if n > m else slice(0, n))
+        dst.append(slice(0, m) if n > m else slice(lo, lo + n))
+    out[tuple(dst)] = a[tuple(src)]
+    return out
 
 
-def train_nnunet(msd: Path, work: Path) -> tuple[Path, int]:
-    """nnU-Net's planning and preprocessing, its network cut to FEATURES, trained briefly on the CPU."""
-    import nnunet
+def ct_set(msd: Path, cases: list[str], folder: Path, slices: int) -> Path:
+    """One 512 x 512 x ``slices`` scan of 0.8 x 0.8 x 1 mm tiled from the cases (see the module's text)."""
+    import nibabel as nib
+    from scipy import ndimage
 
-    nnunet.set_environment(work)
-    pre = nnunet.plan_and_preprocess(msd, work, 1, NNUNET_DATASET)
-    plans = json.loads((pre / "nnUNetPlans.json").read_text())
-    arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
-    n = len(FEATURES)
-    arch.update(n_stages=n, features_per_stage=list(FEATURES), kernel_sizes=[[3, 3, 3]] * n,
-                strides=[[1, 1, 1]] + [[2, 2, 2]] * (n - 1), n_conv_per_stage=[2] * n,
-                n_conv_per_stage_decoder=[2] * (n - 1))
-    (pre / "nnUNetPlans.json").write_text(json.dumps(plans, indent=1))
-    trainer = nnunet.trainer(pre, 0)
-    trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = 4, 50, 5
-    trainer.run_training()
-    return Path(trainer.output_folder).parent, sum(p.numel() for p in trainer.network.parameters())
-
-
-def scan_set(folder: Path, slices: int | None, small: int) -> Path:
-    """``images/<case>_0000.nii.gz`` (the name both tools read) and ``labels/<case>.nii.gz``."""
-    if (folder / "images").is_dir():
+    if (folder / "labels" / "ct.nii.gz").exists():
         return folder
-    if slices is None:
-        rng = np.random.default_rng(1)
-        for i in range(small):
-            image, label = boxes(rng, (40, 40, 32), (12, 20, 20))
-            _save(folder / "images" / f"s{i:02d}_0000.nii.gz", image, np.eye(4))
-            _save(folder / "labels" / f"s{i:02d}.nii.gz", label, np.eye(4))
-        return folder
-    image, label = boxes(np.random.default_rng(slices), (512, 512, slices), (19, 31, 25))
-    affine = np.diag([-0.8, -0.8, 1.0, 1.0])
-    _save(folder / "images" / "ct_0000.nii.gz", np.round(image).astype(np.int16), affine)
-    _save(folder / "labels" / "ct.nii.gz", label, affine)
+    grid = (round(512 * CT_SPACING[0]), round(512 * CT_SPACING[1]), slices)  # mm = voxels at 1 mm
+    counts = [-(-g // t) for g, t in zip(grid, TILE)]
+    image = np.zeros([c * t for c, t in zip(counts, TILE)], dtype=np.float32)
+    label = np.zeros(image.shape, dtype=np.uint8)
+    k = 0
+    for i in range(counts[0]):
+        for j in range(counts[1]):
+            for m in range(counts[2]):
+                case = cases[k % len(cases)]
+                k += 1
+                x = np.asarray(nib.load(str(msd / "imagesTr" / f"{case}.nii.gz")).dataobj, dtype=np.float32)
+                y = np.asarray(nib.load(str(msd / "labelsTr" / f"{case}.nii.gz")).dataobj, dtype=np.uint8)
+                cell = tuple(slice(n * t, (n + 1) * t) for n, t in zip((i, j, m), TILE))
+                image[cell] = _fit((x - x.mean()) / max(float(x.std()), 1e-8), TILE)
+                label[cell] = _fit(y, TILE)
+    image, label = image[: grid[0], : grid[1], : grid[2]], label[: grid[0], : grid[1], : grid[2]]
+    zoom = (512 / grid[0], 512 / grid[1], 1.0)
+    image = ndimage.zoom(image, zoom, order=1)
+    label = ndimage.zoom(label, zoom, order=0)
+    # stored LPS: the arrays are flipped in x and y and the affine says so, so RAS is the tiles' own
+    affine = np.diag([-CT_SPACING[0], -CT_SPACING[1], CT_SPACING[2], 1.0])
+    affine[:2, 3] = [CT_SPACING[0] * (image.shape[0] - 1), CT_SPACING[1] * (image.shape[1] - 1)]
+    _save(folder / "images" / "ct_0000.nii.gz", np.round(image[::-1, ::-1] * 100).astype(np.int16), affine)
+    _save(folder / "labels" / "ct.nii.gz", np.ascontiguousarray(label[::-1, ::-1]), affine)
+    log.info("%s: %d tiles of %d cases", folder, k, len(cases))
     return folder
 
 
@@ -172,14 +213,12 @@ def _tree_rss(process: object) -> int:
     return total
 
 
-def run(tool: str, images: Path, out: Path, model: Path, env: dict[str, str]) -> dict:
-    """One tool on one folder of scans, in a fresh process: seconds and peak memory of its process tree."""
+def run(args: list[str], env: dict[str, str]) -> dict:
+    """One tool's command in a fresh process: seconds and the peak memory of its process tree."""
     import psutil
 
-    code = MEDSEG if tool == "medseg" else NNUNET
     start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-c", code, str(images), str(out), str(model)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    child = subprocess.Popen([sys.executable, "-c", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     process, peak = psutil.Process(child.pid), 0
 
     def sample() -> None:
@@ -196,61 +235,85 @@ def run(tool: str, images: Path, out: Path, model: Path, env: dict[str, str]) ->
     _, err = child.communicate()
     sampler.join()
     if child.returncode != 0:
-        raise SystemExit(f"{tool} failed on {images}:\n{err.decode()[-3000:]}")
+        raise SystemExit(f"{args[1:3]} failed:\n{err.decode()[-3000:]}")
     return {"seconds": time.perf_counter() - start, "peak_gib": peak / 1024**3}
 
 
-def mean_dice(out: Path, labels: Path) -> float:
+def dice(out: Path, labels: Path) -> dict[str, float]:
+    """Mean Dice over cases per class (1, 2) and over both, the masks read in their files' own grid."""
     import nibabel as nib
 
-    scores = []
+    scores: dict[int, list[float]] = {1: [], 2: []}
     for ref_path in sorted(labels.glob("*.nii.gz")):
-        ref = np.asarray(nib.load(str(ref_path)).dataobj)
-        mask = np.asarray(nib.load(str(out / ref_path.name)).dataobj)
-        for c in (1, 2):
+        ref_img, pred_img = nib.load(str(ref_path)), nib.load(str(out / ref_path.name))
+        if not np.allclose(ref_img.affine, pred_img.affine, atol=1e-4) or ref_img.shape != pred_img.shape:
+            raise SystemExit(f"{out / ref_path.name}: not on the grid of its scan")
+        ref, mask = np.asarray(ref_img.dataobj), np.asarray(pred_img.dataobj)
+        for c, values in scores.items():
             p, r = mask == c, ref == c
-            scores.append(2 * float((p & r).sum()) / max(float(p.sum() + r.sum()), 1.0))
-    return float(np.mean(scores))
+            values.append(2 * float((p & r).sum()) / max(float(p.sum() + r.sum()), 1.0))
+    per = {f"class_{c}": float(np.mean(v)) for c, v in scores.items()}
+    return {"mean": float(np.mean([*scores[1], *scores[2]])), **per}
 
 
 def main() -> None:
+    import nnunet
+    import torch
+
+    from medseg.stages.plan import load_splits
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slices", type=int, nargs="*", default=[300])
-    parser.add_argument("--small", type=int, default=20, help="scans of the training size (0: none)")
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("MEDSEG_DATA", REPO.parent / "shared" / "data"))
+                        / "hippocampus", help="the MSD Task04 folder")
+    parser.add_argument("--cases", type=int, default=42, help="validation cases of fold 0 to predict (at most 42)")
+    parser.add_argument("--slices", type=int, nargs="*", default=[300], help="CT-sized scans: slices of each")
+    parser.add_argument("--model", type=Path, help="a medseg dynunet checkpoint trained on fold 0 (default: train one)")
+    parser.add_argument("--train-minutes", type=float, default=6.0)
     parser.add_argument("--work", type=Path, help="working folder, kept (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "predict.json")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with tempfile.TemporaryDirectory() as tmp:
-        work = args.work or Path(tmp)
-        msd = training_cases(work / "msd")
-        models = {"medseg": train_medseg(msd, work), "nnunet": train_nnunet(msd, work / "nnunet")}
-        env = {**os.environ, **__import__("nnunet").environment(work / "nnunet")}
-        sets = ([("small", None)] if args.small else []) + [(f"512x512x{n}", n) for n in args.slices]
+        work = (args.work or Path(tmp)).resolve()
+        nnunet.set_environment(work / "nnunet")
+        checkpoint, splits = medseg_model(args.data, work, args.train_minutes, args.model)
+        script, n_params, patch, spacing = torchscript(checkpoint, work / "bench-predict" / "network.pt")
+        plans, dataset_json = nnunet_plans(args.data, work / "nnunet", patch, spacing)
+        cases = load_splits(splits, 0)["val"][: args.cases]
+        env = {**os.environ, **nnunet.environment(work / "nnunet")}
+        root = work / "bench-predict" / f"{len(cases)}-cases"
+        sets = [("hippocampus", hippocampus_set(args.data, cases, root / "scans" / "hippocampus"))]
+        sets += [(f"512x512x{n}", ct_set(args.data, cases, root / "scans" / f"512x512x{n}", n)) for n in args.slices]
         rows = []
-        for name, slices in sets:
-            folder = scan_set(work / "scans" / name, slices, args.small)
+        for name, folder in sets:
             n_cases = len(list((folder / "labels").glob("*.nii.gz")))
             row: dict = {"scans": name, "cases": n_cases}
-            for tool, (model, _) in models.items():
-                out = work / "out" / tool / name
-                figures = run(tool, folder / "images", out, model, env)
+            for tool in ("medseg", "nnunet"):
+                out = root / "out" / tool / name
+                argv = ([MEDSEG, str(folder / "images"), str(out), str(checkpoint)] if tool == "medseg" else
+                        [NNUNET, str(folder / "images"), str(out), str(script), str(plans), str(dataset_json)])
+                log.info("%s on %s", tool, name)
+                figures = run(argv, env)
                 row[tool] = {"seconds_per_case": figures["seconds"] / n_cases, "peak_gib": figures["peak_gib"],
-                             "mean_dice": mean_dice(out, folder / "labels")}
+                             "dice": dice(out, folder / "labels")}
             row["time_ratio"] = row["nnunet"]["seconds_per_case"] / row["medseg"]["seconds_per_case"]
             row["memory_ratio"] = row["nnunet"]["peak_gib"] / row["medseg"]["peak_gib"]
+            row["dice_difference"] = row["medseg"]["dice"]["mean"] - row["nnunet"]["dice"]["mean"]
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\nparameters: medseg {models['medseg'][1]}, nnU-Net {models['nnunet'][1]}")
+    print(f"\none network for both: {n_params} parameters, patch {patch}, checkpoint {checkpoint}")
     print(f"{'scans':<14} {'cases':>5} {'tool':<7} {'s/case':>8} {'peak GiB':>9} {'Dice':>7}")
     for row in rows:
         for tool in ("medseg", "nnunet"):
             r = row[tool]
             print(f"{row['scans']:<14} {row['cases']:>5} {tool:<7} {r['seconds_per_case']:>8.2f} {r['peak_gib']:>9.2f} "
-                  f"{r['mean_dice']:>7.4f}")
+                  f"{r['dice']['mean']:>7.4f}")
         print(f"{'':<14} {'':>5} {'ratio':<7} {row['time_ratio']:>7.2f}x {row['memory_ratio']:>8.2f}x  (nnU-Net / medseg)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"parameters": {k: v[1] for k, v in models.items()}, "rows": rows}, indent=2) + "\n")
+    args.out.write_text(json.dumps({
+        "date": time.strftime("%Y-%m-%d %H:%M"), "cores": os.cpu_count(), "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(), "parameters": n_params, "patch": patch,
+        "checkpoint": str(checkpoint), "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -85,3 +85,50 @@ def test_uncertainty_score_is_the_mean_entropy_over_the_foreground() -> None:
     entropy_of_08 = -(0.8 * np.log(0.8) + 0.2 * np.log(0.2)) / np.log(2)
     assert uncertainty_score(probs) == pytest.approx(entropy_of_08, abs=1e-6)  # voxel 2's tie goes to class 0
     assert uncertainty_score(torch.tensor([[0.9, 0.8], [0.1, 0.2]])) == 0.0  # no foreground
+
+
+class _Counting(nn.Module):
+    """A small 3D network that counts the batch sizes it was called with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv3d(1, 8, 3, padding=1), nn.LeakyReLU(), nn.Conv3d(8, 3, 3, padding=1))
+        self.batches: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(int(x.shape[0]))
+        return self.body(x)
+
+
+@pytest.mark.parametrize("pair", [True, False])
+def test_a_single_window_may_run_as_a_pair_with_the_same_output(pair: bool) -> None:
+    import medseg.inference as inference
+
+    net = _Counting().eval()
+    x = torch.randn(1, 1, 12, 16, 8)
+    with torch.no_grad():
+        expected = net.body(x)
+        inference._PAIR_SINGLES[net] = pair
+        out = inference._forward(net, x)
+    assert net.batches == [2 if pair else 1]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_choice_is_measured_once_per_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    import medseg.inference as inference
+
+    net, x = _Counting().eval(), torch.randn(1, 1, 12, 16, 8)
+    with torch.no_grad():
+        first = inference._forward(net, x)  # one timed single, an untimed pair, a timed single and pair
+        assert net.batches == [1, 2, 1, 2]
+        assert isinstance(inference._PAIR_SINGLES[net], bool)
+        torch.testing.assert_close(first, net.body(x), atol=1e-5, rtol=1e-5)
+        net.batches.clear()
+        inference._forward(net, x)
+        inference._forward(net, torch.randn(3, 1, 12, 16, 8))  # a batch of several runs as it is
+        assert net.batches == [2 if inference._PAIR_SINGLES[net] else 1, 3]
+        slow = _Counting().eval()
+        monkeypatch.setattr(inference, "CALIBRATE_MAX_SECONDS", 0.0)
+        inference._forward(slow, x)  # slower than the limit: not measured, never paired
+        assert slow.batches == [1] and inference._PAIR_SINGLES[slow] is False
