@@ -34,4 +34,5 @@ rule all:
     input:
         f"{RESULTS}/evaluation/summary.json",
         [f"{RESULTS}/selection.json"] if SELECTING else [],
+        [f"{NEW_OUT}/cases.csv"] if NEW_SCANS["input"] else [],
     default_target: True

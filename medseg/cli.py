@@ -108,6 +108,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from medseg.config import PredictConfig
+    from medseg.errors import ConfigError
     from medseg.stages.plan import load_splits
     from medseg.stages.predict import predict
 
@@ -127,8 +128,24 @@ def cmd_predict(args: argparse.Namespace) -> None:
         case_ids = [c for c in args.cases.split(",") if c]
     if args.splits is not None:
         case_ids = load_splits(args.splits, args.fold)["val"]
-    result = predict(args.input, args.output, models, _section(args, PredictConfig, "predict"),
-                     case_ids=case_ids, device=args.device, tracking_uri=uri, overwrite=args.overwrite)
+    config = _section(args, PredictConfig, "predict")
+    if args.postprocessing is not None:
+        from medseg.postprocess import read_decision
+
+        config = PredictConfig.model_validate({**config.model_dump(), "largest_component": read_decision(args.postprocessing)})
+        log.info("keeping the largest component of labels %s (%s)", list(config.largest_component), args.postprocessing)
+    shard = None
+    if args.shard:
+        try:
+            k, n = (int(v) for v in args.shard.split("/"))
+        except ValueError:
+            raise ConfigError(f"--shard: expected K/N such as 0/4, found {args.shard!r}") from None
+        shard = (k, n)
+        if args.overwrite:
+            raise ConfigError("--shard: expected --replace-others, found --overwrite (each shard would remove the "
+                              "others' finished cases)")
+    result = predict(args.input, args.output, models, config, case_ids=case_ids, device=args.device,
+                     tracking_uri=uri, overwrite=args.overwrite, replace_others=args.replace_others, shard=shard)
     done_before = f", {len(result.skipped)} of them by an earlier run" if result.skipped else ""
     print(f"{len(result.written)} masks in {result.out_dir}{done_before} ({len(result.failed)} failed)")
 
@@ -250,6 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="predict every case again into a folder that holds other models' or settings' predictions "
                         "(by default a folder of the same models and settings is resumed, others refused)")
+    p.add_argument("--replace-others", action="store_true",
+                   help="start afresh a folder that holds other models' or settings' predictions, but resume one of "
+                        "the same models and settings (what a workflow wants)")
+    p.add_argument("--shard", metavar="K/N",
+                   help="predict only every N-th case by case id, from the K-th (0-based): N processes (one per GPU, "
+                        "or cluster jobs) share the cases and the output folder")
+    p.add_argument("--postprocessing", type=Path, metavar="JSON",
+                   help="evaluate's postprocessing.json: keep only the largest connected component of the labels "
+                        "where cross-validation showed it helps (sets predict.largest_component)")
     _config_args(p)
 
     p = add("evaluate", cmd_evaluate, "Dice, IoU, HD95, surface distance and surface Dice per case and class")

@@ -281,6 +281,19 @@ class PredictConfig(StrictModel):
         description="Quality control: flag a class whose volume lies below the smallest training label's "
         "times (1 - this) or above the largest's times (1 + this).",
     )
+    largest_component: tuple[int, ...] = Field(
+        default=(),
+        description="Labels whose masks keep only their largest connected component: the classes where "
+        "cross-validation showed it helps, as evaluate writes them in postprocessing.json "
+        "(medseg predict --postprocessing reads that file).",
+    )
+
+    @field_validator("largest_component")
+    @classmethod
+    def _foreground(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(c < 1 for c in value) or len(set(value)) != len(value):
+            raise ValueError(f"expected distinct foreground labels (1 or more), found {list(value)}")
+        return value
 
 
 class EvaluateConfig(StrictModel):
@@ -314,6 +327,24 @@ class ConfigurationChanges(StrictModel):
     def own_preprocessing(self) -> bool:
         """Whether it plans and preprocesses the data itself, or takes this run's plan and cases."""
         return bool(self.plan or self.preprocess)
+
+
+class NewScansConfig(StrictModel):
+    """Scans to predict with this run's models once it is evaluated (the workflow's last step)."""
+
+    input: str | None = Field(
+        default=None, description="A folder of new scans (NIfTI, DICOM, an MSD folder's test cases); null = none."
+    )
+    output: str | None = Field(default=None, description="Where the masks go; null = <results>/new_scans.")
+    shards: int = Field(
+        default=1, ge=1, le=1000,
+        description="Jobs that share the scans (medseg predict --shard k/N), each a Snakemake job: one per GPU, "
+        "or per cluster node under the SLURM profile.",
+    )
+    postprocessing: bool = Field(
+        default=True, description="Apply the largest-component decision of this run's cross-validation "
+        "(<results>/evaluation/postprocessing.json).",
+    )
 
 
 class SelectConfig(StrictModel):
@@ -376,6 +407,7 @@ class WorkflowConfig(StrictModel):
     train: TrainConfig = TrainConfig()
     predict: PredictConfig = PredictConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    new_scans: NewScansConfig = NewScansConfig()
     select: SelectConfig = SelectConfig()
     tracking: TrackingConfig = TrackingConfig()
 

@@ -2,9 +2,9 @@
 
 A model is a network plus a ``ModelSpec``: the plan, the preprocess settings, the network
 config and the window size, so predict needs nothing but the model to reproduce the
-training-time preprocessing. In MLflow the network is logged with the pytorch flavour in
-its pickle format (which accepts any input size, unlike ``pt2``) and the spec travels as an
-extra file, ``medseg_spec.json``.
+training-time preprocessing. In MLflow a model is logged as medseg's pyfunc
+(``medseg.pyfunc``): the weights and spec in one checkpoint artifact, which accepts any
+input size (unlike an exported graph), and medseg's code.
 """
 
 from __future__ import annotations
@@ -61,36 +61,38 @@ def load_checkpoint_model(path: Path, device: torch.device) -> tuple[nn.Module, 
 
 
 def log_model(net: nn.Module, spec: ModelSpec, tmp_dir: Path, registered_name: str | None) -> Any:
-    """Log the network and its spec to the active MLflow run; register it if a name is given."""
-    import mlflow.pytorch
+    """Log the network and its spec to the active MLflow run as a pyfunc that takes scan paths
+    (``medseg.pyfunc``); register it if a name is given."""
+    from medseg.pyfunc import log_pyfunc
 
-    spec_path = Path(tmp_dir) / SPEC_FILE
-    spec_path.write_text(spec.model_dump_json(indent=2))
-    return mlflow.pytorch.log_model(
-        net.cpu().eval(),
-        name="model",
-        serialization_format="pickle",
-        extra_files=[str(spec_path)],
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "monai", "medseg"],
-        registered_model_name=registered_name,
-    )
+    return log_pyfunc(net, spec, tmp_dir, registered_name)
 
 
 def load_mlflow_model(uri: str, device: torch.device, tracking_uri: str | None) -> tuple[nn.Module, ModelSpec]:
-    """A network and its spec from ``models:/<name>/<version|@alias>`` or ``runs:/<id>/model``."""
+    """A network and its spec from ``models:/<name>/<version|@alias>`` or ``runs:/<id>/model``: medseg's
+    pyfunc (its checkpoint artifact), or the pytorch flavour with a spec file that medseg logged before."""
     import mlflow
-    import mlflow.pytorch
+
+    from medseg.pyfunc import CHECKPOINT
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-        net = mlflow.pytorch.load_model(str(local), map_location=device)
     except Exception as err:  # MLflow raises several kinds for unknown names/versions
         raise ModelError(f"cannot load model {uri} from {tracking_uri or 'the default store'}: {err}") from None
+    checkpoints = list(local.rglob(CHECKPOINT))
+    if checkpoints:
+        return load_checkpoint_model(checkpoints[0], device)
     spec_files = list(local.rglob(SPEC_FILE))
     if not spec_files:
-        raise ModelError(f"model {uri} has no {SPEC_FILE}: it was not logged by medseg")
+        raise ModelError(f"model {uri}: expected {CHECKPOINT} or {SPEC_FILE} in it, found neither: it was not logged by medseg")
+    try:
+        import mlflow.pytorch
+
+        net = mlflow.pytorch.load_model(str(local), map_location=device)
+    except Exception as err:
+        raise ModelError(f"cannot load model {uri} from {tracking_uri or 'the default store'}: {err}") from None
     spec = ModelSpec.model_validate(json.loads(spec_files[0].read_text()))
     return net.to(device).eval(), spec
 

@@ -26,8 +26,9 @@ def report(results: Path, tracking_uri: str) -> str:
         lines.append(f"Model (fold {data['fold']}): {data['model_uri']}  (best validation Dice {data['best_val_dice']:.4f})")
     lines += [
         f"Predictions: {results / 'predictions'}",
-        f"Reports:     {results / 'evaluation'} (metrics.csv, summary.json, metrics.png)",
+        f"Reports:     {results / 'evaluation'} (metrics.csv, summary.json, metrics.png, postprocessing.json)",
         f"Experiment:  .venv/bin/mlflow ui --backend-store-uri {tracking_uri}",
-        "Predict new scans: .venv/bin/medseg predict --input <folder of scans> --output <folder>",
+        "Predict new scans: .venv/bin/medseg predict --input <folder of scans> --output <folder> "
+        f"--postprocessing {results / 'evaluation' / 'postprocessing.json'}",
     ]
     return "\n".join(lines)

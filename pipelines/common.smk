@@ -30,5 +30,6 @@ CONFIGURATION = f"{RESULTS}/configurations/{{configuration}}"
 
 wildcard_constraints:
     fold=r"\d+",
+    shard=r"\d+",
     configuration="|".join(map(re.escape, CONFIGURATIONS)) or "(?!x)x",
 

@@ -12,7 +12,9 @@ Outputs in ``out_dir``: ``metrics.csv`` (a row per case and class, with the volu
 the quality-control flags predict wrote for the case), ``summary.json`` (mean, median,
 standard deviation and quartiles per class and metric; ``mean_dice`` over the foreground
 classes; the flagged cases), ``metrics.png`` (box plots per class, and Dice against the
-reference volume).
+reference volume), ``postprocessing.json`` (for each class, the mean Dice before and after
+keeping only the largest connected component, and the classes where that helped:
+``medseg.postprocess``; ``medseg predict --postprocessing`` applies it).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from medseg.io import (
     write_json,
 )
 from medseg.manifest import load_manifest
+from medseg.postprocess import FILE as POSTPROCESSING
+from medseg.postprocess import case_effect, decide
 from medseg.qc import read_case_qc
 
 log = logging.getLogger(__name__)
@@ -199,6 +203,7 @@ def evaluate(
                         continue
         names = {v: str(v) for v in sorted(found - {0})}
     rows: list[dict] = []
+    effects: list[dict[int, tuple[float, float]]] = []
     for case_id, pred_path in sorted(preds.items()):
         qc = read_case_qc(pred_path.parent, case_id) or {}
         if case_id not in refs:
@@ -219,6 +224,7 @@ def evaluate(
         except DataError as err:
             log.error("case %s left out: %s", case_id, err)
             continue
+        effects.append(case_effect(pred, ref, list(names)))
         for label, values in metrics.items():
             rows.append({
                 "case_id": case_id, "label": label, "label_name": names[label], **values,
@@ -236,6 +242,11 @@ def evaluate(
             writer.writerows(rows)
     summary = summarize(rows, names)
     write_json(out_dir / "summary.json", summary)
+    decision = decide(effects, names)
+    write_json(out_dir / POSTPROCESSING, decision)
+    log.info("largest connected component: kept for labels %s (mean Dice before -> after: %s)",
+             decision["largest_component"],
+             ", ".join(f"{n} {c['dice_before']:.4f} -> {c['dice_after']:.4f}" for n, c in decision["classes"].items()))
     _plots(rows, names, out_dir / "metrics.png")
     log.info("evaluated %d cases: mean Dice %.4f", summary["n_cases"], summary["mean_dice"] or math.nan)
     return EvaluateResult(out_dir, summary, summary["n_cases"])
@@ -263,6 +274,6 @@ def log_to_mlflow(result: EvaluateResult, tracking_uri: str, model_infos: Sequen
             for metric in METRICS:
                 if stats[metric]["mean"] is not None:
                     client.log_metric(run_id, f"eval_{metric}_{name}", stats[metric]["mean"])
-        for fname in ("metrics.csv", "summary.json", "metrics.png"):
+        for fname in ("metrics.csv", "summary.json", "metrics.png", POSTPROCESSING):
             client.log_artifact(run_id, str(result.out_dir / fname), artifact_path="evaluation")
     return targets

@@ -10,18 +10,24 @@ network works on the current one; the queues are bounded, so memory is too.
 
 Outputs in ``out_dir``, each written atomically:
 
-- ``<case>.nii.gz``: the mask (uint8) with the scan's shape and affine, so it overlays it;
+- ``<case>.nii.gz``: the mask (uint8) with the scan's shape and affine, so it overlays it; for the
+  labels of ``largest_component`` only their largest connected component is kept
+  (``medseg.postprocess``);
 - ``<case>_seg.dcm`` for scans read from DICOM: a DICOM-SEG that references the source series,
   one segment per label, on exactly the voxels of the NIfTI mask;
 - ``uncertainty/<case>.nii.gz`` and ``probabilities/<case>.nii.gz`` when asked for;
 - ``qc/<case>.json``: volumes, uncertainty score and quality-control flags (``medseg.qc``),
   written last: a case with it is done;
-- ``cases.csv``: a row per case predicted so far, with its volumes, score and flags;
+- ``cases.csv``: a row per case of the folder predicted so far (by this run or by the other shards
+  of it), with its volumes, score and flags;
 - ``predict.json``: the models (with a digest of their weights) and settings that made them.
 
 A run into a folder that a run of the same models and settings left unfinished predicts only
 the cases not yet done. A folder made by other models or settings is refused unless
-``overwrite`` is given. A case that fails is logged and reported, and the others go on.
+``overwrite`` is given (every case is redone), or ``replace_others`` (for workflows: start such a
+folder afresh, resume one of the same models and settings). ``shard`` splits the cases between
+processes that write into one folder. A case that fails is logged and reported, and the others
+go on.
 """
 
 from __future__ import annotations
@@ -29,9 +35,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import os
 import tempfile
 from collections import deque
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +50,7 @@ import torch
 from torch import nn
 
 from medseg.config import PredictConfig
-from medseg.errors import DataError, MedsegError, ModelError
+from medseg.errors import ConfigError, DataError, MedsegError, ModelError
 from medseg.inference import (
     PROBABILITY_SCALE,
     probabilities,
@@ -59,6 +67,7 @@ from medseg.io import (
     write_json,
 )
 from medseg.manifest import load_manifest
+from medseg.postprocess import keep_largest_component
 from medseg.modelio import ModelSpec, load_model, resolve_device
 from medseg.qc import QC_DIR, case_qc
 from medseg.sources import CaseSource, discover
@@ -153,22 +162,44 @@ def _run_record(refs: Sequence[str], loaded: Sequence[tuple[nn.Module, ModelSpec
     }
 
 
-def _open_output(out_dir: Path, record: dict, overwrite: bool) -> bool:
-    """Write the run record into ``out_dir``; True when it continues an unfinished run of the same record."""
-    path = out_dir / RECORD
-    resume = False
-    if path.exists():
-        previous = read_json(path)
-        same = {k: previous.get(k) for k in record} == record if isinstance(previous, dict) else False
-        if not same and not overwrite:
-            raise DataError(
-                f"{out_dir}: expected an empty folder or one with predictions of the same models and settings, found "
-                f"others (see {path}); choose another folder or overwrite them (--overwrite)"
-            )
-        resume = same and not overwrite
+@contextmanager
+def _locked(out_dir: Path) -> Iterator[None]:
+    """Hold a lock on the folder ``out_dir`` itself (``flock``; no lock file is left), so shards that
+    start together open it one at a time."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(path, record)
-    return resume
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: shards must not start at the same moment
+        yield
+        return
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _open_output(out_dir: Path, record: dict, overwrite: bool, replace_others: bool = False) -> bool:
+    """Write the run record into ``out_dir``; True when it continues an unfinished run of the same record.
+    A folder of another record is refused, or with ``overwrite`` or ``replace_others`` started afresh: its
+    QC records, which mark cases as done, are removed (its masks are replaced as the cases are predicted)."""
+    path = out_dir / RECORD
+    with _locked(out_dir):
+        same = False
+        if path.exists():
+            previous = read_json(path)
+            same = {k: previous.get(k) for k in record} == record if isinstance(previous, dict) else False
+            if not same and not (overwrite or replace_others):
+                raise DataError(
+                    f"{out_dir}: expected an empty folder or one with predictions of the same models and settings, "
+                    f"found others (see {path}); choose another folder or overwrite them (--overwrite)"
+                )
+        if overwrite or not same:
+            for stale in (out_dir / QC_DIR).glob("*.json"):
+                stale.unlink()
+        write_json(path, record)
+    return same and not overwrite
 
 
 def _check_scan(scan: Path, shape: tuple[int, ...], channels: int) -> None:
@@ -205,12 +236,11 @@ def _write_table(out_dir: Path, case_ids: Sequence[str]) -> Path:
             **{f"volume_{name}_ml": round(v, 6) for name, v in qc["volumes_ml"].items()},
         })
     target = out_dir / "cases.csv"
-    with atomic_path(target) as tmp:
-        with open(tmp, "w", newline="") as handle:
-            fields = list(dict.fromkeys(k for row in rows for k in row)) or ["case_id"]
-            writer = csv.DictWriter(handle, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
+    with atomic_path(target) as tmp, open(tmp, "w", newline="") as handle:
+        fields = list(dict.fromkeys(k for row in rows for k in row)) or ["case_id"]
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
     return target
 
 
@@ -224,18 +254,55 @@ def predict(
     device: str = "auto",
     tracking_uri: str | None = None,
     overwrite: bool = False,
+    replace_others: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> PredictResult:
-    """Write one mask per scan found at ``input_path`` into ``out_dir``; see the module doc."""
+    """Write one mask per scan found at ``input_path`` into ``out_dir``; see the module doc.
+    ``shard=(k, n)``: only every n-th case by case id, from the k-th (0-based), so n processes
+    (one per GPU, or cluster jobs) share the cases and the folder."""
+    if not models:
+        raise ModelError("expected at least one model, found none")
+    dev = resolve_device(device)
+    loaded = [load_model(ref, dev, tracking_uri) for ref in models]
+    cases = cases_from_input(input_path, case_ids)
+    if shard is not None:
+        k, n = shard
+        if not 0 <= k < n:
+            raise ConfigError(f"shard: expected K/N with 0 <= K < N, found {k}/{n}")
+        cases = sorted(cases, key=lambda c: c.case_id)[k::n]
+        if not cases:
+            log.info("shard %d/%d of %s: no cases", k, n, input_path)
+            return PredictResult(Path(out_dir), [])
+    return predict_cases(cases, out_dir, loaded, models, config, device=dev, overwrite=overwrite,
+                         replace_others=replace_others, source=str(input_path))
+
+
+def predict_cases(
+    cases: Sequence[CaseSource],
+    out_dir: Path,
+    loaded: Sequence[tuple[nn.Module, ModelSpec]],
+    refs: Sequence[str],
+    config: PredictConfig | None = None,
+    *,
+    device: torch.device,
+    overwrite: bool = False,
+    replace_others: bool = False,
+    source: str = "the input",
+) -> PredictResult:
+    """``predict`` for cases already found and models already loaded on ``device`` (``refs`` name
+    them in ``predict.json``); ``source`` names the input in errors."""
     from monai.transforms import Invertd
 
     from medseg.transforms import preprocessing
 
     config = config or PredictConfig()
-    if not models:
-        raise ModelError("expected at least one model, found none")
-    dev = resolve_device(device)
+    dev = device
     torch.backends.cudnn.benchmark = dev.type == "cuda"
-    loaded = [load_model(ref, dev, tracking_uri) for ref in models]
+    if not loaded or len(refs) != len(loaded):
+        raise ModelError(f"expected a name for each of the {len(loaded)} models, found {len(refs)}")
+    models = list(refs)
+    if len({c.case_id for c in cases}) != len(cases):
+        raise DataError(f"{source}: expected one scan per case id, found a case id twice")
     first = loaded[0][1]
     for ref, (_, spec) in zip(models[1:], loaded[1:]):
         if spec.plan != first.plan or spec.preprocess != first.preprocess or spec.roi_size != first.roi_size:
@@ -244,9 +311,8 @@ def predict(
             )
     chain = preprocessing(first.plan, crop_foreground=first.preprocess.crop_foreground, with_label=False)
     inverter = Invertd(keys="pred", transform=chain, orig_keys="image", nearest_interp=False)
-    cases = cases_from_input(input_path, case_ids)
     out_dir = Path(out_dir)
-    resume = _open_output(out_dir, _run_record(models, loaded, config), overwrite)
+    resume = _open_output(out_dir, _run_record(models, loaded, config), overwrite, replace_others)
     skipped = [c.case_id for c in cases if resume and _done(out_dir, c.case_id)]
     todo = [c for c in cases if c.case_id not in set(skipped)]
     if skipped:
@@ -282,6 +348,8 @@ def predict(
             restored = restore(item.probs, item.data, inverter, uncertainty=config.uncertainty_maps,
                                keep_probabilities=config.probability_maps)
             item.probs = None
+            if config.largest_component:
+                keep_largest_component(restored.mask, config.largest_component)
             if restored.mask.shape != item.shape:
                 raise DataError(
                     f"{item.scan}: internal error, restored mask has shape {restored.mask.shape}, expected {item.shape}"
@@ -356,10 +424,11 @@ def predict(
                 collect(*writing)
 
     done = [c.case_id for c in cases if _done(out_dir, c.case_id)]
-    _write_table(out_dir, done)
+    # every case done in the folder: shards of one run share it
+    _write_table(out_dir, sorted(p.stem for p in (out_dir / QC_DIR).glob("*.json") if _done(out_dir, p.stem)))
     written = [out_dir / f"{case_id}.nii.gz" for case_id in done]
     log.info("wrote %d masks to %s (%d failed, %d done before)", len(written) - len(skipped), out_dir,
              len(failed), len(skipped))
     if not written:
-        raise DataError(f"{input_path}: no scan could be predicted ({len(failed)} failed)")
+        raise DataError(f"{source}: no scan could be predicted ({len(failed)} failed)")
     return PredictResult(out_dir, written, failed, skipped)

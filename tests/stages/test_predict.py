@@ -1,8 +1,7 @@
 """predict at scale: other geometries, one model load for many scans, resume after a kill, outputs.
 
-One small model is trained once for the module (about 10 s) on synthetic cases: two adjacent
-boxes (labels 1 and 2, 12 x 20 x 20 mm each) brighter than a noisy background, which it learns
-to a validation Dice above 0.95.
+One small model (``box_model`` in conftest) is trained once for the session (about 10 s) on
+synthetic cases of two adjacent boxes, which it learns to a validation Dice above 0.95.
 """
 
 from __future__ import annotations
@@ -18,59 +17,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import write_nifti
+from conftest import SHAPE, boxes, dice, write_nifti
 from nibabel.processing import resample_from_to
 
 import medseg.stages.predict as predict_module
-from medseg.config import NetworkConfig, PlanConfig, PredictConfig, TrainConfig
-from medseg.errors import DataError
-from medseg.stages.ingest import ingest
-from medseg.stages.plan import plan
+from medseg.config import PredictConfig
+from medseg.errors import ConfigError, DataError
 from medseg.stages.predict import predict
-from medseg.stages.preprocess import preprocess
-from medseg.stages.train import train
-
-SHAPE = (40, 40, 32)
-LABELS = {"0": "background", "1": "left", "2": "right"}
-
-
-def boxes(rng: np.random.Generator, shape: tuple[int, int, int] = SHAPE) -> tuple[np.ndarray, np.ndarray]:
-    """Image and label: boxes of label 1 (x 8..19) and 2 (x 20..31), moved by up to 3 voxels."""
-    label = np.zeros(shape, dtype=np.uint8)
-    ox, oy, oz = rng.integers(-3, 4, size=3)
-    label[8 + ox : 20 + ox, 10 + oy : 30 + oy, 6 + oz : 26 + oz] = 1
-    label[20 + ox : 32 + ox, 10 + oy : 30 + oy, 6 + oz : 26 + oz] = 2
-    image = rng.normal(10.0, 1.0, size=shape).astype(np.float32)
-    image[label == 1] += 6
-    image[label == 2] += 12
-    return image, label
-
-
-def dice(mask: np.ndarray, ref: np.ndarray, c: int) -> float:
-    p, r = mask == c, ref == c
-    return float(2 * (p & r).sum() / (p.sum() + r.sum()))
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("model")
-    rng = np.random.default_rng(0)
-    training = []
-    for i in range(6):
-        image, label = boxes(rng)
-        write_nifti(root / "msd" / "imagesTr" / f"c{i}.nii.gz", image)
-        write_nifti(root / "msd" / "labelsTr" / f"c{i}.nii.gz", label)
-        training.append({"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"})
-    info = {"name": "boxes", "modality": {"0": "MRI"}, "labels": LABELS, "training": training, "test": []}
-    (root / "msd" / "dataset.json").write_text(json.dumps(info))
-    manifest = ingest(root / "msd", root / "ingest").manifest_path
-    plan(manifest, root / "plan", PlanConfig(n_folds=3, target_spacing_mm=(1.0, 1.0, 1.0), batch_size=2))
-    preprocess(manifest, root / "plan" / "plan.json", root / "pre")
-    config = TrainConfig(network=NetworkConfig(channels=(4, 8), num_res_units=0), epochs=60, val_every=5,
-                         num_workers=0, seed=3, learning_rate=3e-2)
-    result = train(root / "pre", root / "plan" / "plan.json", root / "plan" / "splits.json", root / "fold_0", config)
-    assert result.best_dice > 0.95, result.best_dice
-    return root / "fold_0" / "best.pt"
 
 
 def scans(folder: Path, n: int, seed: int = 1) -> Path:
@@ -80,7 +33,7 @@ def scans(folder: Path, n: int, seed: int = 1) -> Path:
     return folder
 
 
-def test_scan_resampled_and_flipped_is_segmented_on_its_own_grid(model: Path, tmp_path: Path) -> None:
+def test_scan_resampled_and_flipped_is_segmented_on_its_own_grid(box_model: Path, tmp_path: Path) -> None:
     # A new case on the training grid (1 mm, RAS), and the same case resampled to 0.8 x 0.8 x 2 mm
     # voxels with x running the other way (an LPS-like first axis): image trilinear, label nearest.
     image, label = boxes(np.random.default_rng(42))
@@ -90,7 +43,7 @@ def test_scan_resampled_and_flipped_is_segmented_on_its_own_grid(model: Path, tm
     reference = np.asarray(resample_from_to(nib.Nifti1Image(label, np.eye(4)), (grid, affine), order=0).dataobj)
     write_nifti(tmp_path / "scans" / "moved.nii.gz", np.asarray(moved.dataobj, dtype=np.float32), affine)
 
-    predict(tmp_path / "scans", tmp_path / "masks", [str(model)])
+    predict(tmp_path / "scans", tmp_path / "masks", [str(box_model)])
 
     out = nib.load(str(tmp_path / "masks" / "moved.nii.gz"))
     assert out.shape == grid
@@ -102,7 +55,7 @@ def test_scan_resampled_and_flipped_is_segmented_on_its_own_grid(model: Path, tm
     assert dice(mask[::-1], reference, 1) < 0.5
 
 
-def test_twenty_scans_load_the_model_once_and_get_qc(model: Path, tmp_path: Path,
+def test_twenty_scans_load_the_model_once_and_get_qc(box_model: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     folder = scans(tmp_path / "scans", 19)
     noise = np.random.default_rng(5).normal(10.0, 1.0, size=SHAPE).astype(np.float32)
@@ -115,9 +68,9 @@ def test_twenty_scans_load_the_model_once_and_get_qc(model: Path, tmp_path: Path
         return real(ref, *args)
 
     monkeypatch.setattr(predict_module, "load_model", counting)
-    result = predict(folder, tmp_path / "masks", [str(model)], PredictConfig(prefetch=2))
+    result = predict(folder, tmp_path / "masks", [str(box_model)], PredictConfig(prefetch=2))
 
-    assert loads == [str(model)]
+    assert loads == [str(box_model)]
     assert len(result.written) == 20 and not result.failed and not result.skipped
     with open(tmp_path / "masks" / "cases.csv", newline="") as handle:
         rows = {r["case_id"]: r for r in csv.DictReader(handle)}
@@ -134,11 +87,11 @@ def test_twenty_scans_load_the_model_once_and_get_qc(model: Path, tmp_path: Path
     assert float(rows["scan_19"]["uncertainty"]) > 0.25
 
 
-def test_killed_prediction_resumes_with_the_missing_cases(model: Path, tmp_path: Path, venv_bin: Path) -> None:
+def test_killed_prediction_resumes_with_the_missing_cases(box_model: Path, tmp_path: Path, venv_bin: Path) -> None:
     folder = scans(tmp_path / "scans", 20)
     out = tmp_path / "masks"
     command = [str(venv_bin / "medseg"), "predict", "--input", str(folder), "--output", str(out),
-               "--model", str(model), "--params", json.dumps({"tta_flips": True})]
+               "--model", str(box_model), "--params", json.dumps({"tta_flips": True})]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 120
@@ -150,7 +103,7 @@ def test_killed_prediction_resumes_with_the_missing_cases(model: Path, tmp_path:
     assert 3 <= len(done) < 20, f"expected the kill mid-way, found {len(done)} of 20 cases done"
     stamps = {case: (out / f"{case}.nii.gz").stat().st_mtime_ns for case in done}
 
-    result = predict(folder, out, [str(model)], PredictConfig(tta_flips=True))
+    result = predict(folder, out, [str(box_model)], PredictConfig(tta_flips=True))
 
     assert sorted(result.skipped) == done
     assert len(result.written) == 20 and not result.failed
@@ -160,23 +113,23 @@ def test_killed_prediction_resumes_with_the_missing_cases(model: Path, tmp_path:
         assert len(list(csv.DictReader(handle))) == 20
 
 
-def test_folder_of_other_models_or_settings_is_refused_unless_overwritten(model: Path, tmp_path: Path) -> None:
+def test_folder_of_other_models_or_settings_is_refused_unless_overwritten(box_model: Path, tmp_path: Path) -> None:
     folder = scans(tmp_path / "scans", 2)
     out = tmp_path / "masks"
-    predict(folder, out, [str(model)])
-    again = predict(folder, out, [str(model)])
+    predict(folder, out, [str(box_model)])
+    again = predict(folder, out, [str(box_model)])
     assert sorted(again.skipped) == ["scan_00", "scan_01"]
     with pytest.raises(DataError, match=r"masks: expected an empty folder or one with predictions of the same"):
-        predict(folder, out, [str(model)], PredictConfig(tta_flips=True))
-    redone = predict(folder, out, [str(model)], PredictConfig(tta_flips=True), overwrite=True)
+        predict(folder, out, [str(box_model)], PredictConfig(tta_flips=True))
+    redone = predict(folder, out, [str(box_model)], PredictConfig(tta_flips=True), overwrite=True)
     assert redone.skipped == [] and len(redone.written) == 2
     assert json.loads((out / "predict.json").read_text())["config"]["tta_flips"] is True
 
 
-def test_uncertainty_and_probability_maps(model: Path, tmp_path: Path) -> None:
+def test_uncertainty_and_probability_maps(box_model: Path, tmp_path: Path) -> None:
     folder = scans(tmp_path / "scans", 1)
     config = PredictConfig(uncertainty_maps=True, probability_maps=True, tta_flips=True)
-    predict(folder, tmp_path / "masks", [str(model)], config)
+    predict(folder, tmp_path / "masks", [str(box_model)], config)
     mask = np.asarray(nib.load(str(tmp_path / "masks" / "scan_00.nii.gz")).dataobj)
     uncertainty = nib.load(str(tmp_path / "masks" / "uncertainty" / "scan_00.nii.gz"))
     probs = nib.load(str(tmp_path / "masks" / "probabilities" / "scan_00.nii.gz"))
@@ -192,15 +145,15 @@ def test_uncertainty_and_probability_maps(model: Path, tmp_path: Path) -> None:
     assert u[edge].mean() > 3 * u[~edge].mean()
 
 
-def test_scan_touching_the_edge_is_flagged(model: Path, tmp_path: Path) -> None:
+def test_scan_touching_the_edge_is_flagged(box_model: Path, tmp_path: Path) -> None:
     image, _ = boxes(np.random.default_rng(3))
     write_nifti(tmp_path / "scans" / "cut.nii.gz", image[14:])  # the left box (x 5..22 at most) runs into the x = 0 face
-    predict(tmp_path / "scans", tmp_path / "masks", [str(model)])
+    predict(tmp_path / "scans", tmp_path / "masks", [str(box_model)])
     qc = json.loads((tmp_path / "masks" / "qc" / "cut.json").read_text())
     assert "edge" in qc["flags"] and "left" in qc["details"]["edge"]
 
 
-def test_bad_scans_are_reported_by_name_and_the_others_go_on(model: Path, tmp_path: Path) -> None:
+def test_bad_scans_are_reported_by_name_and_the_others_go_on(box_model: Path, tmp_path: Path) -> None:
     rng = np.random.default_rng(7)
     folder = tmp_path / "scans"
     good, _ = boxes(rng)
@@ -213,7 +166,7 @@ def test_bad_scans_are_reported_by_name_and_the_others_go_on(model: Path, tmp_pa
     write_nifti(folder / "with_nan.nii.gz", with_nan)
     write_nifti(folder / "blank.nii.gz", np.zeros(SHAPE, dtype=np.float32))
 
-    result = predict(folder, tmp_path / "masks", [str(model)])
+    result = predict(folder, tmp_path / "masks", [str(box_model)])
 
     assert sorted(p.name for p in result.written) == ["good.nii.gz", "tiny.nii.gz"]
     expected = {
@@ -226,3 +179,54 @@ def test_bad_scans_are_reported_by_name_and_the_others_go_on(model: Path, tmp_pa
     for case_id, message in expected.items():
         assert message in result.failed[case_id]
     assert not (tmp_path / "masks" / "qc" / "blank.json").exists()
+
+
+def test_largest_component_drops_a_second_pair_of_boxes(box_model: Path, tmp_path: Path) -> None:
+    image, label = boxes(np.random.default_rng(21))
+    extra = np.random.default_rng(22).normal(10.0, 1.0, size=(40, 40, 32)).astype(np.float32)
+    extra[10:16, 12:20, 12:20] += 6   # a smaller pair of boxes, apart from the first
+    extra[16:22, 12:20, 12:20] += 12
+    write_nifti(tmp_path / "scans" / "two_pairs.nii.gz", np.concatenate([image, extra], axis=2))
+    reference = np.concatenate([label, np.zeros_like(label)], axis=2)
+
+    predict(tmp_path / "scans", tmp_path / "plain", [str(box_model)])
+    (tmp_path / "decision.json").write_text(json.dumps({"largest_component": [1, 2]}))
+    from medseg.cli import main
+
+    assert main(["predict", "--input", str(tmp_path / "scans"), "--output", str(tmp_path / "kept"),
+                 "--model", str(box_model), "--postprocessing", str(tmp_path / "decision.json")]) == 0
+
+    plain = np.asarray(nib.load(str(tmp_path / "plain" / "two_pairs.nii.gz")).dataobj)
+    kept = np.asarray(nib.load(str(tmp_path / "kept" / "two_pairs.nii.gz")).dataobj)
+    assert (plain[:, :, 32:] == 1).sum() > 100 and (plain[:, :, 32:] == 2).sum() > 100  # the second pair is found
+    assert not kept[:, :, 32:].any()  # and dropped
+    assert np.all((kept == plain) | (kept == 0))  # voxels are only removed
+    assert int((kept[:, :, :32] != plain[:, :, :32]).sum()) < 50  # in the first pair, only stray islands
+    assert dice(kept, reference, 1) >= 0.95 and dice(kept, reference, 2) >= 0.95
+    record = json.loads((tmp_path / "kept" / "predict.json").read_text())
+    assert record["config"]["largest_component"] == [1, 2]
+
+
+def test_shards_share_one_folder_and_its_table(box_model: Path, tmp_path: Path) -> None:
+    folder = scans(tmp_path / "scans", 5)
+    out = tmp_path / "masks"
+    first = predict(folder, out, [str(box_model)], shard=(0, 2))
+    second = predict(folder, out, [str(box_model)], shard=(1, 2))
+    assert [p.name for p in first.written] == ["scan_00.nii.gz", "scan_02.nii.gz", "scan_04.nii.gz"]
+    assert [p.name for p in second.written] == ["scan_01.nii.gz", "scan_03.nii.gz"]
+    with (out / "cases.csv").open(newline="") as handle:
+        assert [row["case_id"] for row in csv.DictReader(handle)] == [f"scan_{i:02d}" for i in range(5)]
+    assert predict(folder, out, [str(box_model)], shard=(5, 6)).written == []  # 5 cases: nothing for this one
+    with pytest.raises(ConfigError, match=r"shard: expected K/N with 0 <= K < N, found 2/2"):
+        predict(folder, out, [str(box_model)], shard=(2, 2))
+
+
+def test_replace_others_resumes_the_same_run_and_restarts_another(box_model: Path, tmp_path: Path) -> None:
+    folder = scans(tmp_path / "scans", 3)
+    out = tmp_path / "masks"
+    predict(folder, out, [str(box_model)])
+    same = predict(folder, out, [str(box_model)], replace_others=True)
+    assert same.skipped == ["scan_00", "scan_01", "scan_02"]
+    other = predict(folder, out, [str(box_model)], PredictConfig(tta_flips=True), replace_others=True)
+    assert other.skipped == [] and len(other.written) == 3
+    assert json.loads((out / "predict.json").read_text())["config"]["tta_flips"] is True

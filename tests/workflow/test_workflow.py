@@ -117,7 +117,8 @@ def test_mlflow_run_and_registered_model(finished: Path) -> None:
     assert parent.data.params["train.epochs"] == "2" and parent.data.params["plan.normalization"] == "zscore"
     assert len(parent.data.tags["git.commit"]) == 40
     artifacts = {a.path for a in client.list_artifacts(parent_id, "evaluation")}
-    assert artifacts == {"evaluation/metrics.csv", "evaluation/summary.json", "evaluation/metrics.png"}
+    assert artifacts == {"evaluation/metrics.csv", "evaluation/summary.json", "evaluation/metrics.png",
+                         "evaluation/postprocessing.json"}
     assert {a.path for a in client.list_artifacts(version.run_id, "config")} == {"config/plan.json", "config/train_config.json"}
 
 
@@ -162,6 +163,33 @@ def test_predict_command_with_alias(finished: Path, shared_data: Path, venv_bin:
     )
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("medseg predict: error: cannot load model models:/medseg-smoke/99")
+
+
+def test_registered_model_predicts_through_mlflow_models_predict(finished: Path, shared_data: Path, venv_bin: Path,
+                                                                  tmp_path: Path) -> None:
+    """The registered model is a pyfunc: MLflow's own command takes scan paths and writes the masks."""
+    from medseg.stages.predict import predict
+
+    uri = f"sqlite:///{finished / 'data' / 'results' / 'mlflow.db'}"
+    scan = shared_data / "hippocampus" / "imagesTr" / f"{HELD_OUT[1]}.nii.gz"
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"dataframe_records": [{"image": str(scan)}],
+                                   "params": {"output_dir": str(tmp_path / "masks")}}))
+    env = {**_env(venv_bin), "MLFLOW_TRACKING_URI": uri}
+    proc = subprocess.run(
+        [str(venv_bin / "mlflow"), "models", "predict", "-m", "models:/medseg-smoke/1", "-t", "json",
+         "-i", str(request), "-o", str(tmp_path / "answer.json"), "--env-manager", "local"],
+        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (row,) = json.loads((tmp_path / "answer.json").read_text())["predictions"]
+    assert row["case"] == HELD_OUT[1] and row["error"] == ""
+    assert row["mask"] == str(tmp_path / "masks" / f"{HELD_OUT[1]}.nii.gz")
+    mask = nib.load(row["mask"])
+    assert mask.shape == nib.load(str(scan)).shape
+    predict(scan.parent, tmp_path / "reference", ["models:/medseg-smoke/1"], case_ids=[HELD_OUT[1]], tracking_uri=uri)
+    expected = nib.load(str(tmp_path / "reference" / f"{HELD_OUT[1]}.nii.gz"))
+    np.testing.assert_array_equal(np.asarray(mask.dataobj), np.asarray(expected.dataobj))
 
 
 def test_train_change_reruns_only_train_and_after(finished: Path, venv_bin: Path) -> None:
@@ -242,3 +270,59 @@ def test_configurations_train_in_the_same_workflow_and_the_best_is_selected(fini
         (version,) = client.search_model_versions(f"name = 'medseg-smoke-{name}'")
         assert client.get_run(version.run_id).data.tags["snakemake.rule"] == "train_configuration"
     assert len(client.search_model_versions("name = 'medseg-smoke'")) == 1  # the main model: not re-registered
+
+
+def test_predict_rule_resumes_a_folder_left_unfinished(finished: Path, venv_bin: Path) -> None:
+    """The predict rule's output is cases.csv, not the folder: after a kill (simulated: the table, the
+    last case and the evaluation that never ran gone), Snakemake reruns the rule, and predict keeps the
+    finished cases."""
+    results = finished / "data" / "results"
+    folder = results / "predictions" / "fold_0"
+    cases = sorted(p.stem for p in (folder / "qc").glob("*.json"))
+    assert len(cases) == 3
+    (folder / "cases.csv").unlink()
+    (folder / "qc" / f"{cases[-1]}.json").unlink()
+    (folder / f"{cases[-1]}.nii.gz").unlink()
+    (results / "evaluation" / "summary.json").unlink()
+    kept = {c: (folder / f"{c}.nii.gz").stat().st_mtime_ns for c in cases[:-1]}
+    args = ("--config", f"dataset={finished / 'hippo'}")
+    proc = snakemake(venv_bin, finished, "-n", *args)
+    assert planned_rules(proc.stdout + proc.stderr) == {"all": 1, "predict": 1, "evaluate": 1}, proc.stdout + proc.stderr
+    snakemake(venv_bin, finished, *args)
+    log = (results / "logs" / "predict" / "fold_0.log").read_text()
+    assert "2 of 3 cases were done by an earlier run of these models; predicting the other 1" in log
+    assert {c: (folder / f"{c}.nii.gz").stat().st_mtime_ns for c in cases[:-1]} == kept
+    assert (folder / f"{cases[-1]}.nii.gz").is_file()
+    rows = (folder / "cases.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == cases
+
+
+def test_new_scans_are_predicted_in_shards_with_the_cross_validated_postprocessing(
+        finished: Path, shared_data: Path, venv_bin: Path) -> None:
+    from medseg.postprocess import read_decision
+
+    results = finished / "data" / "results"
+    scans = finished / "incoming"
+    scans.mkdir()
+    for case in HELD_OUT:
+        (scans / f"{case}.nii.gz").symlink_to(shared_data / "hippocampus" / "imagesTr" / f"{case}.nii.gz")
+    change = finished / "new.yaml"
+    change.write_text(f"new_scans:\n  input: {scans}\n  shards: 2\n")
+    args = ("--config", f"dataset={finished / 'hippo'}")
+    proc = snakemake(venv_bin, finished, "-n", *args, configs=(change,))
+    assert planned_rules(proc.stdout + proc.stderr) == {"all": 1, "predict_new_shard": 2, "predict_new": 1}
+    snakemake(venv_bin, finished, *args, configs=(change,))
+
+    out = results / "new_scans"
+    rows = (out / "cases.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == HELD_OUT
+    logs = results / "logs" / "predict_new"
+    for shard in (0, 1):
+        assert "predicting 1 scans with 1 model(s)" in (logs / f"shard_{shard}.log").read_text()
+    assert "2 of 2 cases were done by an earlier run" in (logs / "all.log").read_text()
+    decision = read_decision(results / "evaluation" / "postprocessing.json")
+    record = json.loads((out / "predict.json").read_text())
+    assert record["config"]["largest_component"] == list(decision)
+    assert [m["model"] for m in record["models"]] == ["models:/medseg-smoke/1"]
+    for case in HELD_OUT:
+        assert nib.load(str(out / f"{case}.nii.gz")).shape == nib.load(str(scans / f"{case}.nii.gz")).shape
