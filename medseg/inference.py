@@ -179,6 +179,59 @@ def restore(
     return out
 
 
+def restore_ensemble(
+    parts: Sequence[tuple[torch.Tensor, dict[str, Any], Any]], *, uncertainty: bool, keep_probabilities: bool
+) -> tuple[Restored, float]:
+    """An ensemble of configurations with other plans: each part (``probs``, ``data``, ``inverter`` as
+    ``restore`` takes them) back on the scan's grid and averaged with equal weight, class by class, as
+    nnU-Net ensembles configurations. The entropy of the mean is added up class by class too, so this
+    also gives the uncertainty map and the case's score (mean normalized entropy over the predicted
+    foreground, on the scan's grid) without holding every class at once."""
+    import math
+
+    from monai.data import MetaTensor
+
+    def mean_of(c: int) -> torch.Tensor:
+        total: torch.Tensor | None = None
+        for probs, data, inverter in parts:
+            meta = dict(data["image"].meta)
+            restored = inverter({**data, "pred": MetaTensor(probs[c][None], meta=meta)})["pred"]
+            channel = torch.as_tensor(restored)[0].float()
+            total = channel if total is None else total.add_(channel)
+        assert total is not None
+        return total.div_(len(parts))
+
+    def quantized(channel: torch.Tensor) -> np.ndarray:
+        return (channel.clamp(0, 1) * PROBABILITY_SCALE).round().to(torch.uint8).numpy()
+
+    def entropy_of(channel: torch.Tensor) -> torch.Tensor:
+        p = channel.clamp(1e-12, 1.0)
+        return -(p * p.log())
+
+    n = parts[0][0].shape[0]
+    best = mean_of(0)
+    mask = torch.zeros(best.shape, dtype=torch.uint8)
+    entropy = entropy_of(best)
+    kept = [quantized(best)] if keep_probabilities else []
+    for c in range(1, n):
+        channel = mean_of(c)
+        entropy.add_(entropy_of(channel))
+        if keep_probabilities:
+            kept.append(quantized(channel))
+        mask.masked_fill_(channel > best, c)
+        torch.maximum(best, channel, out=best)
+    del best
+    entropy = entropy.div_(math.log(n)).clamp_(0, 1) if n > 1 else torch.zeros_like(entropy)
+    foreground = mask > 0
+    score = float(entropy[foreground].double().mean()) if bool(foreground.any()) else 0.0
+    out = Restored(mask.numpy())
+    if uncertainty:
+        out.uncertainty = entropy.numpy()
+    if keep_probabilities:
+        out.probabilities = np.stack(kept, axis=-1)
+    return out, score
+
+
 def without_voxels(image: Any) -> Any:
     """A preprocessed MetaTensor's meta data and applied operations (all ``Invertd`` reads of it),
     without its voxels, which need not wait in memory for the inversion."""

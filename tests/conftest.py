@@ -245,16 +245,15 @@ def dice(mask: np.ndarray, ref: np.ndarray, c: int) -> float:
     return float(2 * (p & r).sum() / (p.sum() + r.sum()))
 
 
-@pytest.fixture(scope="session")
-def box_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small UNet trained on six box cases to a validation Dice above 0.95 (about 10 s); its best.pt."""
+def train_box_model(root: Path, spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> Path:
+    """A small UNet trained on six box cases at ``spacing_mm`` to a validation Dice above 0.95 (about 10 s);
+    its best.pt."""
     from medseg.config import NetworkConfig, PlanConfig, TrainConfig
     from medseg.stages.ingest import ingest
     from medseg.stages.plan import plan
     from medseg.stages.preprocess import preprocess
     from medseg.stages.train import train
 
-    root = tmp_path_factory.mktemp("model")
     rng = np.random.default_rng(0)
     training = []
     for i in range(6):
@@ -265,10 +264,16 @@ def box_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     info = {"name": "boxes", "modality": {"0": "MRI"}, "labels": BOX_LABELS, "training": training, "test": []}
     (root / "msd" / "dataset.json").write_text(json.dumps(info))
     manifest = ingest(root / "msd", root / "ingest").manifest_path
-    plan(manifest, root / "plan", PlanConfig(n_folds=3, target_spacing_mm=(1.0, 1.0, 1.0), batch_size=2))
+    plan(manifest, root / "plan", PlanConfig(n_folds=3, target_spacing_mm=spacing_mm, batch_size=2))
     preprocess(manifest, root / "plan" / "plan.json", root / "pre")
     config = TrainConfig(network=NetworkConfig(channels=(4, 8), num_res_units=0), epochs=60, val_every=5,
                          num_workers=0, seed=3, learning_rate=3e-2)
     result = train(root / "pre", root / "plan" / "plan.json", root / "plan" / "splits.json", root / "fold_0", config)
     assert result.best_dice > 0.95, result.best_dice
     return root / "fold_0" / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def box_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The box model on a 1 mm plan."""
+    return train_box_model(tmp_path_factory.mktemp("model"))

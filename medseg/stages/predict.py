@@ -39,8 +39,8 @@ import os
 import tempfile
 from collections import deque
 from collections.abc import Collection, Iterator, Sequence
-from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ from medseg.inference import (
     PROBABILITY_SCALE,
     probabilities,
     restore,
+    restore_ensemble,
     uncertainty_score,
     without_voxels,
 )
@@ -67,8 +68,8 @@ from medseg.io import (
     write_json,
 )
 from medseg.manifest import load_manifest
-from medseg.postprocess import keep_largest_component
 from medseg.modelio import ModelSpec, load_model, resolve_device
+from medseg.postprocess import keep_largest_component
 from medseg.qc import QC_DIR, case_qc
 from medseg.sources import CaseSource, discover
 
@@ -223,6 +224,8 @@ class _Prepared:
     data: dict[str, Any]
     probs: torch.Tensor | None = None
     uncertainty: float = 0.0
+    extra: list[dict[str, Any]] = field(default_factory=list)  # the scan preprocessed for the other groups
+    extra_probs: list[torch.Tensor] = field(default_factory=list)
 
 
 def _write_table(out_dir: Path, case_ids: Sequence[str]) -> Path:
@@ -304,13 +307,24 @@ def predict_cases(
     if len({c.case_id for c in cases}) != len(cases):
         raise DataError(f"{source}: expected one scan per case id, found a case id twice")
     first = loaded[0][1]
-    for ref, (_, spec) in zip(models[1:], loaded[1:]):
-        if spec.plan != first.plan or spec.preprocess != first.preprocess or spec.roi_size != first.roi_size:
-            raise ModelError(
-                f"model {ref}: expected the plan, preprocessing and window of {models[0]} for an ensemble, found others"
-            )
-    chain = preprocessing(first.plan, crop_foreground=first.preprocess.crop_foreground, with_label=False)
-    inverter = Invertd(keys="pred", transform=chain, orig_keys="image", nearest_interp=False)
+    # models that share a plan, preprocessing and window are averaged per window; groups of other
+    # plans (configurations) each run their own chain and are averaged on the scan's grid
+    groups: list[list[tuple[nn.Module, ModelSpec]]] = []
+    for ref, (net, spec) in zip(models, loaded):
+        if spec.plan.labels != first.plan.labels or spec.plan.channels != first.plan.channels:
+            raise ModelError(f"model {ref}: expected the labels and channels of {models[0]} for an ensemble, found "
+                             f"{spec.plan.labels} and {spec.plan.channels} channel(s)")
+        for group in groups:
+            same = group[0][1]
+            if spec.plan == same.plan and spec.preprocess == same.preprocess and spec.roi_size == same.roi_size:
+                group.append((net, spec))
+                break
+        else:
+            groups.append([(net, spec)])
+    chains = [preprocessing(g[0][1].plan, crop_foreground=g[0][1].preprocess.crop_foreground, with_label=False)
+              for g in groups]
+    inverters = [Invertd(keys="pred", transform=c, orig_keys="image", nearest_interp=False) for c in chains]
+    inverter = inverters[0]
     out_dir = Path(out_dir)
     resume = _open_output(out_dir, _run_record(models, loaded, config), overwrite, replace_others)
     skipped = [c.case_id for c in cases if resume and _done(out_dir, c.case_id)]
@@ -328,25 +342,36 @@ def predict_cases(
             scan = _as_single_file(case, tmp)
             original = load_nifti(scan)
             _check_scan(scan, tuple(original.shape), first.plan.channels)
-            try:
-                data = chain({"image": str(scan)})
-            except (RuntimeError, ValueError) as err:  # MONAI wraps a failing step's error
-                reason = str(err.__cause__ or err)
-                if first.preprocess.crop_foreground and not np.any(np.asanyarray(original.dataobj)):
-                    reason = "every voxel is 0, so there is no non-zero region to crop to"
-                raise DataError(f"{scan}: could not be preprocessed: {reason}") from None
-            bad = int((~torch.isfinite(data["image"].as_tensor())).sum())
-            if bad:
-                raise DataError(
-                    f"{scan}: expected finite voxel values, found NaN or infinite ones ({bad} after preprocessing)"
-                )
-            return _Prepared(case, scan, np.asarray(original.affine), tuple(original.shape[:3]), data)
+            prepared = []
+            for step, group in zip(chains, groups):
+                try:
+                    data = step({"image": str(scan)})
+                except (RuntimeError, ValueError) as err:  # MONAI wraps a failing step's error
+                    reason = str(err.__cause__ or err)
+                    if group[0][1].preprocess.crop_foreground and not np.any(np.asanyarray(original.dataobj)):
+                        reason = "every voxel is 0, so there is no non-zero region to crop to"
+                    raise DataError(f"{scan}: could not be preprocessed: {reason}") from None
+                bad = int((~torch.isfinite(data["image"].as_tensor())).sum())
+                if bad:
+                    raise DataError(
+                        f"{scan}: expected finite voxel values, found NaN or infinite ones ({bad} after preprocessing)"
+                    )
+                prepared.append(data)
+            return _Prepared(case, scan, np.asarray(original.affine), tuple(original.shape[:3]), prepared[0],
+                             extra=prepared[1:])
 
         def finish(item: _Prepared) -> None:
             case = item.case
             assert item.probs is not None
-            restored = restore(item.probs, item.data, inverter, uncertainty=config.uncertainty_maps,
-                               keep_probabilities=config.probability_maps)
+            if item.extra:
+                parts = [(item.probs, item.data, inverter)]
+                parts += [(p, d, inv) for p, d, inv in zip(item.extra_probs, item.extra, inverters[1:])]
+                restored, item.uncertainty = restore_ensemble(parts, uncertainty=config.uncertainty_maps,
+                                                              keep_probabilities=config.probability_maps)
+                item.extra_probs = []
+            else:
+                restored = restore(item.probs, item.data, inverter, uncertainty=config.uncertainty_maps,
+                                   keep_probabilities=config.probability_maps)
             item.probs = None
             if config.largest_component:
                 keep_largest_component(restored.mask, config.largest_component)
@@ -402,11 +427,16 @@ def predict_cases(
                 if item is not None:
                     try:
                         image = item.data["image"]
-                        item.probs = probabilities(image.as_tensor(), loaded, config, dev)
-                        item.uncertainty = uncertainty_score(item.probs)
+                        item.probs = probabilities(image.as_tensor(), groups[0], config, dev)
+                        item.uncertainty = uncertainty_score(item.probs)  # with other groups: from them all
                         item.data["image"] = without_voxels(image)
                         del image
                         item.probs = item.probs.half()  # halves what waits for the writer
+                        for data, group in zip(item.extra, groups[1:]):
+                            image = data["image"]
+                            item.extra_probs.append(probabilities(image.as_tensor(), group, config, dev).half())
+                            data["image"] = without_voxels(image)
+                            del image
                     except (MedsegError, RuntimeError) as err:  # RuntimeError: out of memory, for one
                         failed[case.case_id] = f"{item.scan}: the network failed: {err}"
                         log.error("case %s failed: %s", case.case_id, failed[case.case_id])

@@ -17,12 +17,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import SHAPE, boxes, dice, write_nifti
+from conftest import SHAPE, boxes, dice, train_box_model, write_nifti
 from nibabel.processing import resample_from_to
 
 import medseg.stages.predict as predict_module
 from medseg.config import PredictConfig
-from medseg.errors import ConfigError, DataError
+from medseg.errors import ConfigError, DataError, ModelError
 from medseg.stages.predict import predict
 
 
@@ -230,3 +230,45 @@ def test_replace_others_resumes_the_same_run_and_restarts_another(box_model: Pat
     other = predict(folder, out, [str(box_model)], PredictConfig(tta_flips=True), replace_others=True)
     assert other.skipped == [] and len(other.written) == 3
     assert json.loads((out / "predict.json").read_text())["config"]["tta_flips"] is True
+
+
+@pytest.fixture(scope="module")
+def coarse_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another configuration: the box model on a plan of 2 mm voxels."""
+    return train_box_model(tmp_path_factory.mktemp("coarse"), (2.0, 2.0, 2.0))
+
+
+def test_ensemble_of_configurations_with_other_plans(box_model: Path, coarse_model: Path, tmp_path: Path) -> None:
+    image, label = boxes(np.random.default_rng(31))
+    write_nifti(tmp_path / "scans" / "case.nii.gz", image)
+    config = PredictConfig(uncertainty_maps=True)
+    result = predict(tmp_path / "scans", tmp_path / "both", [str(box_model), str(coarse_model)], config)
+    predict(tmp_path / "scans", tmp_path / "fine", [str(box_model)], config)
+    predict(tmp_path / "scans", tmp_path / "coarse", [str(coarse_model)], config)
+
+    assert not result.failed
+    both = np.asarray(nib.load(str(tmp_path / "both" / "case.nii.gz")).dataobj)
+    assert dice(both, label, 1) >= 0.95 and dice(both, label, 2) >= 0.95
+    record = json.loads((tmp_path / "both" / "predict.json").read_text())
+    assert [m["model"] for m in record["models"]] == [str(box_model), str(coarse_model)]
+    qc = json.loads((tmp_path / "both" / "qc" / "case.json").read_text())
+    assert 0.0 < qc["uncertainty"] < 1.0
+    # where both configurations agree the ensemble does too; it is not one of them alone
+    fine = np.asarray(nib.load(str(tmp_path / "fine" / "case.nii.gz")).dataobj)
+    coarse = np.asarray(nib.load(str(tmp_path / "coarse" / "case.nii.gz")).dataobj)
+    agree = fine == coarse
+    np.testing.assert_array_equal(both[agree], fine[agree])
+    assert (fine != coarse).any()
+    assert nib.load(str(tmp_path / "both" / "uncertainty" / "case.nii.gz")).shape == image.shape
+
+
+def test_ensemble_of_models_with_other_labels_is_refused(box_model: Path, tmp_path: Path) -> None:
+    import torch
+
+    state = torch.load(box_model, weights_only=False)
+    state["spec"]["plan"]["labels"] = {"0": "background", "1": "liver", "2": "tumour"}
+    torch.save(state, tmp_path / "other.pt")
+    write_nifti(tmp_path / "scans" / "case.nii.gz", boxes(np.random.default_rng(32))[0])
+    with pytest.raises(ModelError, match=r"model .*other\.pt: expected the labels and channels of .*best\.pt for an "
+                                         r"ensemble, found \{0: 'background', 1: 'liver', 2: 'tumour'\}"):
+        predict(tmp_path / "scans", tmp_path / "out", [str(box_model), str(tmp_path / "other.pt")])

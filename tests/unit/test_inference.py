@@ -12,7 +12,13 @@ from test_transforms import lps_affine, make_plan, two_boxes
 from torch import nn
 
 from medseg.config import NetworkConfig, PredictConfig, PreprocessConfig
-from medseg.inference import flip_sets, restore, uncertainty_score, window_predictor
+from medseg.inference import (
+    flip_sets,
+    restore,
+    restore_ensemble,
+    uncertainty_score,
+    window_predictor,
+)
 from medseg.modelio import ModelSpec
 from medseg.transforms import preprocessing
 
@@ -80,6 +86,36 @@ def test_restore_class_by_class_is_the_argmax_of_all_classes_restored(tmp_path: 
     assert 0 <= restored.uncertainty.min() and restored.uncertainty.max() <= 1
 
 
+def test_ensemble_of_two_plans_averages_on_the_scans_grid(tmp_path: Path) -> None:
+    from monai.data import MetaTensor
+    from monai.transforms import Invertd
+
+    image, _ = two_boxes((30, 26, 12), margin=3)
+    write_nifti(tmp_path / "scan.nii.gz", image, lps_affine((0.7, 0.9, 2.5), (5.0, -3.0, 11.0)))
+    parts, whole = [], []
+    for spacing, seed in (((1.3, 1.3, 1.3), 0), ((2.0, 1.0, 2.5), 1)):  # two plans: two grids
+        chain = preprocessing(make_plan(spacing), crop_foreground=True, with_label=False)
+        data = chain({"image": str(tmp_path / "scan.nii.gz")})
+        probs = torch.softmax(4 * torch.randn(3, *data["image"].shape[1:], generator=torch.Generator().manual_seed(seed)), 0)
+        inverter = Invertd(keys="pred", transform=chain, orig_keys="image", nearest_interp=False)
+        parts.append((probs, data, inverter))
+        back = inverter({**data, "pred": MetaTensor(probs.clone(), meta=dict(data["image"].meta))})["pred"]
+        whole.append(torch.as_tensor(back).float())
+
+    restored, score = restore_ensemble(parts, uncertainty=True, keep_probabilities=True)
+
+    mean = (whole[0] + whole[1]) / 2
+    assert restored.mask.shape == image.shape
+    np.testing.assert_array_equal(restored.mask, mean.argmax(0).numpy())
+    np.testing.assert_allclose(restored.probabilities / 255, mean.permute(1, 2, 3, 0).clamp(0, 1).numpy(),
+                               atol=0.5 / 255 + 1e-6)
+    p = mean.clamp(1e-12, 1)
+    entropy = (-(p * p.log()).sum(0) / np.log(3)).clamp(0, 1)
+    np.testing.assert_allclose(restored.uncertainty, entropy.numpy(), atol=1e-5)
+    foreground = mean.argmax(0) > 0
+    assert score == pytest.approx(float(entropy[foreground].double().mean()), abs=1e-6)
+
+
 def test_uncertainty_score_is_the_mean_entropy_over_the_foreground() -> None:
     probs = torch.tensor([[1.0, 0.2, 0.5, 0.9], [0.0, 0.8, 0.5, 0.1]])  # 4 voxels; foreground: voxel 1
     entropy_of_08 = -(0.8 * np.log(0.8) + 0.2 * np.log(0.2)) / np.log(2)
@@ -103,7 +139,7 @@ class _Counting(nn.Module):
 
 @pytest.mark.parametrize("pair", [True, False])
 def test_a_single_window_may_run_as_a_pair_with_the_same_output(pair: bool) -> None:
-    import medseg.inference as inference
+    from medseg import inference
 
     net = _Counting().eval()
     x = torch.randn(1, 1, 12, 16, 8)
@@ -116,7 +152,7 @@ def test_a_single_window_may_run_as_a_pair_with_the_same_output(pair: bool) -> N
 
 
 def test_the_choice_is_measured_once_per_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    import medseg.inference as inference
+    from medseg import inference
 
     net, x = _Counting().eval(), torch.randn(1, 1, 12, 16, 8)
     with torch.no_grad():
