@@ -143,6 +143,20 @@ class Restored:
     probabilities: np.ndarray | None = None  # uint8 (spatial..., classes), probability x 255
 
 
+def _inverted(channel: torch.Tensor, data: dict[str, Any], inverter: Any) -> torch.Tensor:
+    """One class's channel on the preprocessed grid back on the scan's grid (``inverter``: MONAI's
+    ``Invertd`` of key ``pred`` on the chain that made ``data``)."""
+    from monai.data import MetaTensor
+
+    restored = inverter({**data, "pred": MetaTensor(channel[None], meta=dict(data["image"].meta))})["pred"]
+    return torch.as_tensor(restored)[0]
+
+
+def _quantized(channel: torch.Tensor) -> np.ndarray:
+    """Probabilities as uint8 (x ``PROBABILITY_SCALE``)."""
+    return (channel.clamp(0, 1) * PROBABILITY_SCALE).round().to(torch.uint8).numpy()
+
+
 def restore(
     probs: torch.Tensor, data: dict[str, Any], inverter: Any, *, uncertainty: bool, keep_probabilities: bool
 ) -> Restored:
@@ -150,24 +164,16 @@ def restore(
 
     ``data`` is the preprocessing output of the scan (its ``image`` carries the applied
     operations), ``inverter`` a MONAI ``Invertd`` of key ``pred`` built on that chain."""
-    from monai.data import MetaTensor
-
-    meta = dict(data["image"].meta)
-
     def invert(channel: torch.Tensor) -> torch.Tensor:
-        restored = inverter({**data, "pred": MetaTensor(channel[None], meta=meta)})["pred"]
-        return torch.as_tensor(restored)[0]
-
-    def quantized(channel: torch.Tensor) -> np.ndarray:
-        return (channel.clamp(0, 1) * PROBABILITY_SCALE).round().to(torch.uint8).numpy()
+        return _inverted(channel, data, inverter)
 
     best = invert(probs[0])
     mask = torch.zeros(best.shape, dtype=torch.uint8)
-    kept = [quantized(best)] if keep_probabilities else []
+    kept = [_quantized(best)] if keep_probabilities else []
     for c in range(1, probs.shape[0]):
         channel = invert(probs[c])
         if keep_probabilities:
-            kept.append(quantized(channel))
+            kept.append(_quantized(channel))
         mask.masked_fill_(channel > best, c)  # strict: ties keep the lower class, as argmax does
         torch.maximum(best, channel, out=best)
     del best
@@ -189,20 +195,11 @@ def restore_ensemble(
     foreground, on the scan's grid) without holding every class at once."""
     import math
 
-    from monai.data import MetaTensor
-
     def mean_of(c: int) -> torch.Tensor:
-        total: torch.Tensor | None = None
-        for probs, data, inverter in parts:
-            meta = dict(data["image"].meta)
-            restored = inverter({**data, "pred": MetaTensor(probs[c][None], meta=meta)})["pred"]
-            channel = torch.as_tensor(restored)[0].float()
-            total = channel if total is None else total.add_(channel)
-        assert total is not None
+        total = _inverted(parts[0][0][c], parts[0][1], parts[0][2]).float()
+        for probs, data, inverter in parts[1:]:
+            total.add_(_inverted(probs[c], data, inverter))
         return total.div_(len(parts))
-
-    def quantized(channel: torch.Tensor) -> np.ndarray:
-        return (channel.clamp(0, 1) * PROBABILITY_SCALE).round().to(torch.uint8).numpy()
 
     def entropy_of(channel: torch.Tensor) -> torch.Tensor:
         p = channel.clamp(1e-12, 1.0)
@@ -212,12 +209,12 @@ def restore_ensemble(
     best = mean_of(0)
     mask = torch.zeros(best.shape, dtype=torch.uint8)
     entropy = entropy_of(best)
-    kept = [quantized(best)] if keep_probabilities else []
+    kept = [_quantized(best)] if keep_probabilities else []
     for c in range(1, n):
         channel = mean_of(c)
         entropy.add_(entropy_of(channel))
         if keep_probabilities:
-            kept.append(quantized(channel))
+            kept.append(_quantized(channel))
         mask.masked_fill_(channel > best, c)
         torch.maximum(best, channel, out=best)
     del best

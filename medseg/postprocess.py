@@ -27,29 +27,20 @@ log = logging.getLogger(__name__)
 FILE = "postprocessing.json"
 
 
-def _bbox(present: np.ndarray) -> tuple[slice, ...] | None:
-    """The smallest box holding every True voxel, or None when there is none."""
-    box = []
-    for axis in range(present.ndim):
-        hit = np.flatnonzero(present.any(axis=tuple(a for a in range(present.ndim) if a != axis)))
-        if hit.size == 0:
-            return None
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(box)
-
-
 def keep_largest_component(mask: np.ndarray, classes: Iterable[int]) -> np.ndarray:
     """``mask`` with, for each of ``classes``, every voxel outside that class's largest connected
     component set to 0 (background). Changes ``mask`` in place and returns it."""
     import torch
     from monai.transforms import KeepLargestConnectedComponent
+    from monai.transforms.utils import generate_spatial_bounding_box
 
     keep = KeepLargestConnectedComponent(is_onehot=False, independent=True)
     for c in classes:
         present = mask == c
-        box = _bbox(present)
-        if box is None:
+        start, end = generate_spatial_bounding_box(present[None])
+        if end[0] <= start[0]:  # the class is absent
             continue
+        box = tuple(slice(int(s), int(e)) for s, e in zip(start, end))
         crop = torch.as_tensor(present[box].astype(np.uint8))[None]
         largest = keep(crop)[0].numpy().astype(bool)
         region = mask[box]
@@ -67,7 +58,7 @@ def case_effect(pred: np.ndarray, ref: np.ndarray, classes: Iterable[int]) -> di
     out = {}
     for c in classes:
         before = pred == c
-        after = keep_largest_component(np.where(before, c, 0).astype(np.uint8), [c]) == c
+        after = keep_largest_component(before.astype(np.uint8), [1]) == 1
         out[c] = (_dice(before, ref == c), _dice(after, ref == c))
     return out
 

@@ -221,11 +221,9 @@ class _Prepared:
     scan: Path
     affine: np.ndarray
     shape: tuple[int, ...]
-    data: dict[str, Any]
-    probs: torch.Tensor | None = None
+    data: list[dict[str, Any]]  # the scan preprocessed for each group of models
+    probs: list[torch.Tensor] = field(default_factory=list)  # each group's probabilities, on its grid
     uncertainty: float = 0.0
-    extra: list[dict[str, Any]] = field(default_factory=list)  # the scan preprocessed for the other groups
-    extra_probs: list[torch.Tensor] = field(default_factory=list)
 
 
 def _write_table(out_dir: Path, case_ids: Sequence[str]) -> Path:
@@ -299,8 +297,7 @@ def predict_cases(
     from medseg.transforms import preprocessing
 
     config = config or PredictConfig()
-    dev = device
-    torch.backends.cudnn.benchmark = dev.type == "cuda"
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     if not loaded or len(refs) != len(loaded):
         raise ModelError(f"expected a name for each of the {len(loaded)} models, found {len(refs)}")
     models = list(refs)
@@ -324,7 +321,6 @@ def predict_cases(
     chains = [preprocessing(g[0][1].plan, crop_foreground=g[0][1].preprocess.crop_foreground, with_label=False)
               for g in groups]
     inverters = [Invertd(keys="pred", transform=c, orig_keys="image", nearest_interp=False) for c in chains]
-    inverter = inverters[0]
     out_dir = Path(out_dir)
     resume = _open_output(out_dir, _run_record(models, loaded, config), overwrite, replace_others)
     skipped = [c.case_id for c in cases if resume and _done(out_dir, c.case_id)]
@@ -332,7 +328,7 @@ def predict_cases(
     if skipped:
         log.info("%s: %d of %d cases were done by an earlier run of these models; predicting the other %d",
                  out_dir, len(skipped), len(cases), len(todo))
-    log.info("predicting %d scans with %d model(s) on %s", len(todo), len(loaded), dev)
+    log.info("predicting %d scans with %d model(s) on %s", len(todo), len(loaded), device)
     failed: dict[str, str] = {}
 
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -357,22 +353,19 @@ def predict_cases(
                         f"{scan}: expected finite voxel values, found NaN or infinite ones ({bad} after preprocessing)"
                     )
                 prepared.append(data)
-            return _Prepared(case, scan, np.asarray(original.affine), tuple(original.shape[:3]), prepared[0],
-                             extra=prepared[1:])
+            return _Prepared(case, scan, np.asarray(original.affine), tuple(original.shape[:3]), prepared)
 
         def finish(item: _Prepared) -> None:
             case = item.case
-            assert item.probs is not None
-            if item.extra:
-                parts = [(item.probs, item.data, inverter)]
-                parts += [(p, d, inv) for p, d, inv in zip(item.extra_probs, item.extra, inverters[1:])]
-                restored, item.uncertainty = restore_ensemble(parts, uncertainty=config.uncertainty_maps,
-                                                              keep_probabilities=config.probability_maps)
-                item.extra_probs = []
+            assert item.probs
+            if len(item.probs) > 1:
+                restored, item.uncertainty = restore_ensemble(
+                    list(zip(item.probs, item.data, inverters)), uncertainty=config.uncertainty_maps,
+                    keep_probabilities=config.probability_maps)
             else:
-                restored = restore(item.probs, item.data, inverter, uncertainty=config.uncertainty_maps,
+                restored = restore(item.probs[0], item.data[0], inverters[0], uncertainty=config.uncertainty_maps,
                                    keep_probabilities=config.probability_maps)
-            item.probs = None
+            item.probs = []
             if config.largest_component:
                 keep_largest_component(restored.mask, config.largest_component)
             if restored.mask.shape != item.shape:
@@ -426,17 +419,15 @@ def predict_cases(
                 item = collect(case, future)
                 if item is not None:
                     try:
-                        image = item.data["image"]
-                        item.probs = probabilities(image.as_tensor(), groups[0], config, dev)
-                        item.uncertainty = uncertainty_score(item.probs)  # with other groups: from them all
-                        item.data["image"] = without_voxels(image)
-                        del image
-                        item.probs = item.probs.half()  # halves what waits for the writer
-                        for data, group in zip(item.extra, groups[1:]):
+                        for data, group in zip(item.data, groups):
                             image = data["image"]
-                            item.extra_probs.append(probabilities(image.as_tensor(), group, config, dev).half())
+                            probs = probabilities(image.as_tensor(), group, config, device)
+                            if len(groups) == 1:  # an ensemble of groups gets its score on the scan's grid
+                                item.uncertainty = uncertainty_score(probs)
                             data["image"] = without_voxels(image)
                             del image
+                            item.probs.append(probs.half())  # halves what waits for the writer
+                            del probs
                     except (MedsegError, RuntimeError) as err:  # RuntimeError: out of memory, for one
                         failed[case.case_id] = f"{item.scan}: the network failed: {err}"
                         log.error("case %s failed: %s", case.case_id, failed[case.case_id])
