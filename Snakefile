@@ -1,4 +1,4 @@
-# medseg workflow: ingest -> plan -> preprocess -> train (per fold) -> predict (per fold) -> evaluate
+# medseg workflow: ingest -> plan -> preprocess -> train (per fold) -> predict (per fold) -> evaluate -> review
 # [-> select: this run against the other configurations of select.configurations, which the workflow
 # trains and evaluates the same way, and against finished runs named in select.compare_with].
 #
@@ -27,12 +27,14 @@ include: "pipelines/preprocess.smk"
 include: "pipelines/train.smk"
 include: "pipelines/predict.smk"
 include: "pipelines/evaluate.smk"
+include: "pipelines/review.smk"
 include: "pipelines/select.smk"
 
 
 rule all:
     input:
         f"{RESULTS}/evaluation/summary.json",
+        f"{RESULTS}/review/index.html",
         [f"{RESULTS}/selection.json"] if SELECTING else [],
-        [f"{NEW_OUT}/cases.csv"] if NEW_SCANS["input"] else [],
+        [f"{NEW_OUT}/review/index.html"] if NEW_SCANS["input"] else [],
     default_target: True

@@ -163,6 +163,33 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"evaluated {result.n_cases} cases: mean Dice {dice:.4f} -> {result.out_dir}")
 
 
+def cmd_review(args: argparse.Namespace) -> None:
+    from medseg.config import ReviewConfig
+    from medseg.errors import ConfigError
+
+    config = _section(args, ReviewConfig, "review")
+    if args.predictions:
+        from medseg.stages.review import INDEX, review
+
+        result = review(args.predictions, args.output, config, scans=args.scans, manifest=args.manifest,
+                        evaluation=args.evaluation)
+        s = result.summary
+        print(f"review of {s['n_cases']} cases ({s['n_flagged']} flagged, {s['n_problems']} with problems) -> "
+              f"{result.out_dir / INDEX}")
+    elif not args.serve:
+        raise ConfigError("review: expected --predictions (build the review folder) or --serve (serve a built one), "
+                          "found neither")
+    if args.serve:
+        from medseg.review.server import address, make_server, serve
+
+        try:
+            server = make_server(args.output, config, host=args.host, port=args.port, reviewer=args.reviewer)
+        except OSError as err:
+            raise ConfigError(f"review: could not listen on {args.host}:{args.port}: {err}") from None
+        print(f"review at {address(server)} (Ctrl-C stops)", flush=True)
+        serve(server)
+
+
 def cmd_select(args: argparse.Namespace) -> None:
     from medseg.errors import ConfigError
     from medseg.stages.select import select
@@ -286,6 +313,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-info", type=Path, nargs="*", default=[],
                    help="model.json files of the trainings to log the evaluation to (MLflow)")
     p.add_argument("--tracking-uri")
+    _config_args(p)
+
+    p = add("review", cmd_review, "queue the masks for a person to check, flagged cases first; pages with the "
+            "mask over the scan and a verdict form (--serve)")
+    p.add_argument("--predictions", type=Path, nargs="+", help="prediction folders (medseg predict's output) to "
+                   "build the review folder from")
+    p.add_argument("--output", type=Path, required=True, help="the review folder")
+    p.add_argument("--evaluation", type=Path, metavar="CSV", help="evaluate's metrics.csv: Dice per case and class")
+    p.add_argument("--manifest", type=Path, help="an ingest manifest whose labels are drawn as reference outlines")
+    p.add_argument("--scans", type=Path, help="the predict input, for prediction folders that do not record their "
+                   "scans")
+    p.add_argument("--serve", action="store_true", help="serve the review folder (after building it, with "
+                   "--predictions) until Ctrl-C")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="port (0: any free one)")
+    p.add_argument("--reviewer", default=os.environ.get("USER", ""), help="the name recorded with verdicts "
+                   "(default: $USER)")
     _config_args(p)
 
     p = add("select", cmd_select, "choose the best of several finished runs (2D against 3D, networks) by "

@@ -302,6 +302,28 @@ class EvaluateConfig(StrictModel):
     surface_tolerance_mm: float = Field(default=1.0, gt=0, description="Tolerance of the surface Dice.")
 
 
+class ReviewConfig(StrictModel):
+    """The review pages (``medseg review``)."""
+
+    alpha: float = Field(default=0.4, ge=0, le=1, description="Opacity of the mask's fill over the scan.")
+    window: list[float] | None = Field(
+        default=None, min_length=2, max_length=2,
+        description="Intensities shown black and white, e.g. [-160, 240] for CT soft tissue; null = the 0.5th "
+        "and 99.5th percentiles of each scan.",
+    )
+    thumbnail_size: int = Field(default=256, ge=32, le=2048, description="Longer side of each view of a case's "
+                                "overview picture, in pixels.")
+    slice_size: int = Field(default=448, ge=64, le=4096, description="Longer side of a slice on a case's page, "
+                            "in pixels.")
+
+    @field_validator("window")
+    @classmethod
+    def _window_order(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and not value[0] < value[1]:
+            raise ValueError(f"expected [low, high] with low < high, found {value}")
+        return value
+
+
 # The sections a configuration of select.configurations may change; the rest (data, tracking, folds and
 # their split) it shares with the run that trains it.
 CONFIGURATION_SECTIONS = ("plan", "preprocess", "train", "predict")
@@ -407,6 +429,7 @@ class WorkflowConfig(StrictModel):
     train: TrainConfig = TrainConfig()
     predict: PredictConfig = PredictConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    review: ReviewConfig = ReviewConfig()
     new_scans: NewScansConfig = NewScansConfig()
     select: SelectConfig = SelectConfig()
     tracking: TrackingConfig = TrackingConfig()

@@ -38,6 +38,25 @@ def atomic_path(target: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` itself (``flock``; no lock file is left), so processes
+    that update files in it take turns. Created if missing. Not POSIX: no lock."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (sorted keys off, 2-space indent)."""
     with atomic_path(Path(path)) as tmp:

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     import torch
 
 QC_DIR = "qc"
+FAILED_DIR = "failed"  # predict's records of the cases that failed
 SLAB = 8  # planes of the last axis taken at a time by the entropy
 
 

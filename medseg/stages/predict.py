@@ -16,8 +16,10 @@ Outputs in ``out_dir``, each written atomically:
 - ``<case>_seg.dcm`` for scans read from DICOM: a DICOM-SEG that references the source series,
   one segment per label, on exactly the voxels of the NIfTI mask;
 - ``uncertainty/<case>.nii.gz`` and ``probabilities/<case>.nii.gz`` when asked for;
-- ``qc/<case>.json``: volumes, uncertainty score and quality-control flags (``medseg.qc``),
-  written last: a case with it is done;
+- ``qc/<case>.json``: volumes, uncertainty score and quality-control flags (``medseg.qc``), and
+  the scan it was made from (``scan``, ``scan_kind``) and the labels, written last: a case with it is done;
+- ``failed/<case>.json``: for a case that failed, its scan and the error (removed once it is
+  predicted), so ``medseg review`` lists it;
 - ``cases.csv``: a row per case of the folder predicted so far (by this run or by the other shards
   of it), with its volumes, score and flags;
 - ``predict.json``: the models (with a digest of their weights) and settings that made them.
@@ -35,12 +37,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
-import os
 import tempfile
 from collections import deque
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,7 @@ from medseg.inference import (
 )
 from medseg.io import (
     atomic_path,
+    folder_lock,
     load_nifti,
     read_json,
     save_nifti,
@@ -70,7 +71,7 @@ from medseg.io import (
 from medseg.manifest import load_manifest
 from medseg.modelio import ModelSpec, load_model, resolve_device
 from medseg.postprocess import keep_largest_component
-from medseg.qc import QC_DIR, case_qc
+from medseg.qc import FAILED_DIR, QC_DIR, case_qc
 from medseg.sources import CaseSource, discover
 
 RECORD = "predict.json"
@@ -163,30 +164,12 @@ def _run_record(refs: Sequence[str], loaded: Sequence[tuple[nn.Module, ModelSpec
     }
 
 
-@contextmanager
-def _locked(out_dir: Path) -> Iterator[None]:
-    """Hold a lock on the folder ``out_dir`` itself (``flock``; no lock file is left), so shards that
-    start together open it one at a time."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: shards must not start at the same moment
-        yield
-        return
-    fd = os.open(out_dir, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
 def _open_output(out_dir: Path, record: dict, overwrite: bool, replace_others: bool = False) -> bool:
     """Write the run record into ``out_dir``; True when it continues an unfinished run of the same record.
     A folder of another record is refused, or with ``overwrite`` or ``replace_others`` started afresh: its
     QC records, which mark cases as done, are removed (its masks are replaced as the cases are predicted)."""
     path = out_dir / RECORD
-    with _locked(out_dir):
+    with folder_lock(out_dir):  # shards that start together open it one at a time
         same = False
         if path.exists():
             previous = read_json(path)
@@ -197,7 +180,7 @@ def _open_output(out_dir: Path, record: dict, overwrite: bool, replace_others: b
                     f"found others (see {path}); choose another folder or overwrite them (--overwrite)"
                 )
         if overwrite or not same:
-            for stale in (out_dir / QC_DIR).glob("*.json"):
+            for stale in [*(out_dir / QC_DIR).glob("*.json"), *(out_dir / FAILED_DIR).glob("*.json")]:
                 stale.unlink()
         write_json(path, record)
     return same and not overwrite
@@ -209,6 +192,11 @@ def _check_scan(scan: Path, shape: tuple[int, ...], channels: int) -> None:
     if not fits:
         wanted = "a 3D scan" if channels == 1 else f"a 4D scan with {channels} channels last"
         raise DataError(f"{scan}: expected {wanted} for this model, found shape {shape}")
+
+
+def _scan_record(case: CaseSource) -> dict:
+    """Where a case's scan is, for the QC and failure records (absolute paths)."""
+    return {"scan": [str(Path(p).resolve()) for p in case.images], "scan_kind": case.kind}
 
 
 def _done(out_dir: Path, case_id: str) -> bool:
@@ -385,20 +373,30 @@ def predict_cases(
                 item.uncertainty, volume_range=first.plan.fingerprint.class_volume_ml,
                 volume_tolerance=config.volume_tolerance, max_uncertainty=config.max_uncertainty,
             )
-            write_json(out_dir / QC_DIR / f"{case.case_id}.json", qc.as_dict())  # last: the case is done
+            (out_dir / FAILED_DIR / f"{case.case_id}.json").unlink(missing_ok=True)
+            # last: the case is done
+            write_json(out_dir / QC_DIR / f"{case.case_id}.json", {
+                **qc.as_dict(), **_scan_record(case),
+                "labels": {str(k): v for k, v in sorted(first.plan.labels.items()) if k != 0},
+            })
             if qc.flags:
                 log.warning("case %s flagged: %s", case.case_id, "; ".join(qc.details.values()))
             if item.scan.is_relative_to(tmp):
                 item.scan.unlink(missing_ok=True)
 
+        def fail(case: CaseSource, message: str) -> None:
+            failed[case.case_id] = message
+            log.error("case %s failed: %s", case.case_id, message)
+            write_json(out_dir / FAILED_DIR / f"{case.case_id}.json",
+                       {"case_id": case.case_id, "error": message, **_scan_record(case)})
+
         def collect(case: CaseSource, future: Future) -> Any:
             try:
                 return future.result()
             except MedsegError as err:
-                failed[case.case_id] = str(err)
+                fail(case, str(err))
             except RuntimeError as err:  # restoring or writing: out of memory, for one
-                failed[case.case_id] = f"{case.case_id}: could not be restored and written: {err}"
-            log.error("case %s failed: %s", case.case_id, failed[case.case_id])
+                fail(case, f"{case.case_id}: could not be restored and written: {err}")
             return None
 
         with ThreadPoolExecutor(1, thread_name_prefix="medseg-read") as reader, \
@@ -429,8 +427,7 @@ def predict_cases(
                             item.probs.append(probs.half())  # halves what waits for the writer
                             del probs
                     except (MedsegError, RuntimeError) as err:  # RuntimeError: out of memory, for one
-                        failed[case.case_id] = f"{item.scan}: the network failed: {err}"
-                        log.error("case %s failed: %s", case.case_id, failed[case.case_id])
+                        fail(case, f"{item.scan}: the network failed: {err}")
                         item = None
                 if writing is not None:
                     collect(*writing)

@@ -179,6 +179,19 @@ def test_bad_scans_are_reported_by_name_and_the_others_go_on(box_model: Path, tm
     for case_id, message in expected.items():
         assert message in result.failed[case_id]
     assert not (tmp_path / "masks" / "qc" / "blank.json").exists()
+    # each failure is recorded in the folder, for review, until the case is predicted
+    failures = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "masks" / "failed").glob("*.json")}
+    assert sorted(failures) == sorted(expected)
+    assert failures["blank"]["error"] == result.failed["blank"]
+    assert failures["blank"]["scan"] == [str((folder / "blank.nii.gz").resolve())]
+    qc = json.loads((tmp_path / "masks" / "qc" / "good.json").read_text())
+    assert qc["scan"] == [str((folder / "good.nii.gz").resolve())] and qc["scan_kind"] == "nifti"
+    assert qc["labels"] == {"1": "left", "2": "right"}
+    write_nifti(folder / "blank.nii.gz", good)
+    again = predict(folder, tmp_path / "masks", [str(box_model)])
+    assert sorted(again.skipped) == ["good", "tiny"] and "blank" not in again.failed
+    assert not (tmp_path / "masks" / "failed" / "blank.json").exists()
+    assert (tmp_path / "masks" / "failed" / "flat.json").exists()
 
 
 def test_largest_component_drops_a_second_pair_of_boxes(box_model: Path, tmp_path: Path) -> None:

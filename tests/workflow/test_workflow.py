@@ -69,7 +69,7 @@ def test_dry_run_shows_every_stage(venv_bin: Path, shared_data: Path, tmp_path: 
     dataset = hippocampus_subset(shared_data, tmp_path / "hippo", CASES)
     proc = snakemake(venv_bin, tmp_path, "-n", "--config", f"dataset={dataset}")
     assert planned_rules(proc.stdout + proc.stderr) == {
-        "all": 1, "ingest": 1, "plan": 1, "preprocess": 1, "train": 1, "predict": 1, "evaluate": 1,
+        "all": 1, "ingest": 1, "plan": 1, "preprocess": 1, "train": 1, "predict": 1, "evaluate": 1, "review": 1,
     }
 
 
@@ -96,8 +96,17 @@ def test_outputs(finished: Path) -> None:
         scan = nib.load(str(finished / "hippo" / "imagesTr" / f"{case}.nii.gz"))
         assert mask.shape == scan.shape
         np.testing.assert_allclose(mask.affine, scan.affine, atol=1e-6)
-    for rule in ("ingest", "plan", "preprocess", "train", "predict", "evaluate"):
+    for rule in ("ingest", "plan", "preprocess", "train", "predict", "evaluate", "review"):
         assert list((results / "logs" / rule).glob("*.log")), rule
+    queue = json.loads((results / "review" / "queue.json").read_text())["cases"]
+    assert sorted(e["case_id"] for e in queue) == sorted(splits[0]["val"])
+    for entry in queue:  # the scan predict recorded, the ingested label as reference, evaluate's Dice
+        assert entry["problem"] is None and entry["scan"][0].startswith(str(results / "ingest"))
+        assert entry["reference"] and entry["metrics"]["mean_dice"] is not None
+        assert (results / "review" / entry["overview"]).stat().st_size > 1000
+    review = json.loads((results / "review" / "review.json").read_text())
+    assert review["n_cases"] == 3 and review["verdicts"] == {"open": 3}
+    assert "medseg review" in (results / "review" / "index.html").read_text()
 
 
 def test_mlflow_run_and_registered_model(finished: Path) -> None:
@@ -198,7 +207,8 @@ def test_train_change_reruns_only_train_and_after(finished: Path, venv_bin: Path
     change = finished / "longer.yaml"
     change.write_text("train:\n  epochs: 3\n")
     proc = snakemake(venv_bin, finished, "-n", "--config", f"dataset={finished / 'hippo'}", configs=(change,))
-    assert planned_rules(proc.stdout + proc.stderr) == {"all": 1, "train": 1, "predict": 1, "evaluate": 1}
+    assert planned_rules(proc.stdout + proc.stderr) == {"all": 1, "train": 1, "predict": 1, "evaluate": 1,
+                                                        "review": 1}
 
 
 def test_select_compares_with_another_finished_run(finished: Path, venv_bin: Path) -> None:
@@ -285,10 +295,17 @@ def test_predict_rule_resumes_a_folder_left_unfinished(finished: Path, venv_bin:
     (folder / f"{cases[-1]}.nii.gz").unlink()
     (results / "evaluation" / "summary.json").unlink()
     kept = {c: (folder / f"{c}.nii.gz").stat().st_mtime_ns for c in cases[:-1]}
+    from medseg.io import sha256
+    from medseg.review import verdicts
+
+    verdicts.record(results / "review", cases[0], "accept", mask_sha256=sha256(folder / f"{cases[0]}.nii.gz"))
     args = ("--config", f"dataset={finished / 'hippo'}")
     proc = snakemake(venv_bin, finished, "-n", *args)
-    assert planned_rules(proc.stdout + proc.stderr) == {"all": 1, "predict": 1, "evaluate": 1}, proc.stdout + proc.stderr
+    assert planned_rules(proc.stdout + proc.stderr) == {"all": 1, "predict": 1, "evaluate": 1, "review": 1}, \
+        proc.stdout + proc.stderr
     snakemake(venv_bin, finished, *args)
+    # the review was rebuilt and kept the verdict on the mask that was not predicted again
+    assert json.loads((results / "review" / "review.json").read_text())["verdicts"] == {"accept": 1, "open": 2}
     log = (results / "logs" / "predict" / "fold_0.log").read_text()
     assert "2 of 3 cases were done by an earlier run of these models; predicting the other 1" in log
     assert {c: (folder / f"{c}.nii.gz").stat().st_mtime_ns for c in cases[:-1]} == kept
@@ -310,7 +327,8 @@ def test_new_scans_are_predicted_in_shards_with_the_cross_validated_postprocessi
     change.write_text(f"new_scans:\n  input: {scans}\n  shards: 2\n")
     args = ("--config", f"dataset={finished / 'hippo'}")
     proc = snakemake(venv_bin, finished, "-n", *args, configs=(change,))
-    assert planned_rules(proc.stdout + proc.stderr) == {"all": 1, "predict_new_shard": 2, "predict_new": 1}
+    assert planned_rules(proc.stdout + proc.stderr) == {"all": 1, "predict_new_shard": 2, "predict_new": 1,
+                                                        "review_new": 1}
     snakemake(venv_bin, finished, *args, configs=(change,))
 
     out = results / "new_scans"
@@ -326,3 +344,6 @@ def test_new_scans_are_predicted_in_shards_with_the_cross_validated_postprocessi
     assert [m["model"] for m in record["models"]] == ["models:/medseg-smoke/1"]
     for case in HELD_OUT:
         assert nib.load(str(out / f"{case}.nii.gz")).shape == nib.load(str(scans / f"{case}.nii.gz")).shape
+    queue = json.loads((out / "review" / "queue.json").read_text())["cases"]
+    assert sorted(e["case_id"] for e in queue) == sorted(HELD_OUT)
+    assert all(e["problem"] is None and e["metrics"] is None and e["overview"] for e in queue)
