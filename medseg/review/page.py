@@ -121,7 +121,10 @@ def index_page(
     if dice:
         dice_line = (f"<p>Mean Dice of the flagged cases {_number(dice['flagged']['mean_dice'])} "
                      f"(n={dice['flagged']['n']}), of the others {_number(dice['not_flagged']['mean_dice'])} "
-                     f"(n={dice['not_flagged']['n']}).</p>")
+                     f"(n={dice['not_flagged']['n']}). First quarter of the queue "
+                     f"{_number(dice['queue_first_quarter']['mean_dice'])}, the rest "
+                     f"{_number(dice['queue_rest']['mean_dice'])}; rank correlation of uncertainty and Dice "
+                     f"{_number(dice['uncertainty_spearman'], 2)}.</p>")
     mode = ("Open a case to scroll through its slices and record a verdict."
             if served else "Read-only: <code>medseg review --output &lt;this folder&gt; --serve</code> serves this page "
             "with slice scrolling and a verdict form per case.")

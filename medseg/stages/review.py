@@ -19,7 +19,9 @@ Outputs in ``out_dir``, each written atomically:
   ``medseg review --serve`` serves the folder with slice scrolling and a verdict form per case
   (``medseg.review.server``);
 - ``review.json``: counts of cases, problems, flags and verdicts and, with an evaluation, the
-  mean Dice of the flagged and of the other cases, and of the cases with each flag.
+  mean Dice of the flagged and of the other cases, of the cases with each flag, of the first
+  quarter of the queue and of the rest, and Spearman's rank correlation of the uncertainty
+  score with the Dice: whether the queue puts the worse masks first.
 
 The verdicts (``verdicts.csv``, ``medseg.review.verdicts``) are the reviewers': a new build keeps
 them, and a verdict on a mask that has since changed counts as outdated.
@@ -222,8 +224,22 @@ def summarize(entries: Sequence[dict[str, Any]], current: dict[str, verdicts.Ver
             "flagged": group([e for e in scored if e["flags"]]),
             "not_flagged": group([e for e in scored if not e["flags"]]),
             "by_flag": {f: group([e for e in scored if f in e["flags"]]) for f in sorted(flags)},
+            # does the queue put the worse masks first? (entries come in queue order)
+            "queue_first_quarter": group(scored[: math.ceil(len(scored) / 4)]),
+            "queue_rest": group(scored[math.ceil(len(scored) / 4) :]),
+            "uncertainty_spearman": _spearman([e for e in scored if e["uncertainty"] is not None]),
         }
     return summary
+
+
+def _spearman(entries: Sequence[dict[str, Any]]) -> float | None:
+    """Spearman's rank correlation of the uncertainty score with the mean Dice (None under 3 cases)."""
+    if len(entries) < 3:
+        return None
+    from scipy.stats import spearmanr
+
+    rho = spearmanr([e["uncertainty"] for e in entries], [e["metrics"]["mean_dice"] for e in entries]).statistic
+    return float(rho) if math.isfinite(rho) else None
 
 
 def review(

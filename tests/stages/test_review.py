@@ -88,6 +88,11 @@ def test_queue_puts_problems_then_flagged_cases_first(tmp_path: Path) -> None:
     assert summary["dice"]["flagged"] == {"n": 2, "mean_dice": pytest.approx((0.6 + 0.3) / 2)}
     assert summary["dice"]["not_flagged"] == {"n": 2, "mean_dice": pytest.approx((0.85 + 0.9) / 2)}
     assert summary["dice"]["by_flag"]["volume"] == {"n": 1, "mean_dice": pytest.approx(0.3)}
+    # scored cases in queue order: two 0.3, edge 0.6, unsure 0.9, clean 0.85
+    assert summary["dice"]["queue_first_quarter"] == {"n": 1, "mean_dice": pytest.approx(0.3)}
+    assert summary["dice"]["queue_rest"] == {"n": 3, "mean_dice": pytest.approx((0.6 + 0.9 + 0.85) / 3)}
+    # ranks of the uncertainty 4 2 3 1 and of the Dice 1 2 4 3: 1 - 6 * (9 + 0 + 1 + 4) / (4 * 15)
+    assert summary["dice"]["uncertainty_spearman"] == pytest.approx(-0.4)
     queue = json.loads((tmp_path / "review" / "queue.json").read_text())["cases"]
     assert [e["case_id"] for e in queue] == QUEUE
     pictures = sorted(p.stem for p in (tmp_path / "review" / "cases").glob("*.png"))
@@ -99,6 +104,7 @@ def test_queue_puts_problems_then_flagged_cases_first(tmp_path: Path) -> None:
     page = (tmp_path / "review" / "index.html").read_text()
     assert [page.index(f'data-case="{c}"') for c in QUEUE] == sorted(page.index(f'data-case="{c}"') for c in QUEUE)
     assert "reason for uncertain" in page and 'src="cases/edge.png"' in page and "0.600" in page
+    assert "First quarter of the queue 0.300, the rest 0.783; rank correlation of uncertainty and Dice -0.40" in page
 
 
 def test_a_rebuild_keeps_verdicts_and_marks_those_on_changed_masks_outdated(built: Path) -> None:
