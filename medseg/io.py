@@ -21,6 +21,27 @@ from medseg.errors import DataError
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
+_UMASK: int | None = None
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (changing it, even for a
+    moment, would race with files other threads create)."""
+    global _UMASK
+    if _UMASK is None:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("Umask:"):
+                    _UMASK = int(line.split()[1], 8)
+                    break
+        except OSError:
+            pass
+        if _UMASK is None:
+            _UMASK = os.umask(0o022)
+            os.umask(_UMASK)
+    return _UMASK
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` only on success."""
@@ -32,6 +53,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
         os.replace(tmp, target)
     finally:
         if tmp.exists():

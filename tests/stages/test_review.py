@@ -289,3 +289,27 @@ def test_review_of_real_predictions_with_references_and_evaluation(box_model: Pa
     reference = np.asarray(nib.load(by_id["p0"]["reference"]).dataobj)
     np.testing.assert_array_equal(images.reference, reference)  # canonical RAS already: stored as it is
     assert result.summary["dice"]["not_flagged"]["n"] + result.summary["dice"]["flagged"]["n"] == 3
+
+
+def test_scans_read_from_dicom_are_read_again_for_review(box_model: Path, tmp_path: Path) -> None:
+    """A DICOM series predicted from a DICOM folder: review reads the series again and draws the
+    mask on the scan's voxels."""
+    from conftest import nifti_to_dicom_series
+
+    from medseg.stages.predict import predict
+    from medseg.stages.review import load_entry
+
+    image, _ = boxes(np.random.default_rng(11))
+    source = write_nifti(tmp_path / "boxes.nii.gz", np.round(image * 100).astype(np.int16), np.diag([-1.0, -1.0, 1.0, 1.0]))
+    nifti_to_dicom_series(source, tmp_path / "dicom" / "series1")
+    result = predict(tmp_path / "dicom", tmp_path / "pred", [str(box_model)])
+    (case_id,) = [p.name.removesuffix(".nii.gz") for p in result.written]
+    built = review([tmp_path / "pred"], tmp_path / "review")
+    (entry,) = built.entries
+    assert entry["scan_kind"] == "dicom" and len(entry["scan"]) == SHAPE[2] and entry["problem"] is None
+    assert entry["overview"] == f"cases/{case_id}.png"
+    images = load_entry(entry, ReviewConfig())
+    expected = nib.as_closest_canonical(nib.load(str(source)))
+    np.testing.assert_allclose(images.image, np.asarray(expected.dataobj), atol=1e-3)
+    mask = nib.as_closest_canonical(nib.load(str(tmp_path / "pred" / f"{case_id}.nii.gz")))
+    np.testing.assert_array_equal(images.mask, np.asarray(mask.dataobj))

@@ -66,6 +66,19 @@ def test_atomic_path_keeps_the_old_content_when_the_body_raises(tmp_path: Path) 
     assert list(tmp_path.iterdir()) == [target]
 
 
+def test_atomic_path_gives_the_mode_of_a_plain_open(tmp_path: Path) -> None:
+    """Results folders are shared by teams: outputs get 0666 less the umask, not mkstemp's 0600."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, sys; from pathlib import Path; os.umask(0o027); from medseg.io import atomic_path\n"
+            "with atomic_path(Path(sys.argv[1])) as tmp: tmp.write_text('x')\n"
+            "open(sys.argv[2], 'w').close()")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.json"), str(tmp_path / "b.json")], check=True)
+    assert oct(os.stat(tmp_path / "a.json").st_mode & 0o777) == oct(os.stat(tmp_path / "b.json").st_mode & 0o777) == "0o640"
+
+
 def test_atomic_path_without_suffix(tmp_path: Path) -> None:
     target = tmp_path / "Makefile"
     with atomic_path(target) as tmp:
