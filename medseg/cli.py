@@ -176,9 +176,14 @@ def cmd_review(args: argparse.Namespace) -> None:
         s = result.summary
         print(f"review of {s['n_cases']} cases ({s['n_flagged']} flagged, {s['n_problems']} with problems) -> "
               f"{result.out_dir / INDEX}")
-    elif not args.serve:
-        raise ConfigError("review: expected --predictions (build the review folder) or --serve (serve a built one), "
-                          "found neither")
+    elif not (args.serve or args.log_mlflow):
+        raise ConfigError("review: expected --predictions (build the review folder), --serve (serve a built one) or "
+                          "--log-mlflow, found none of them")
+    if args.log_mlflow:
+        from medseg.stages.review import log_to_mlflow
+
+        logged = log_to_mlflow(args.output, _tracking_uri(args))
+        print(f"verdicts logged to {len(logged)} registered model version(s): {', '.join(logged) or 'none'}")
     if args.serve:
         from medseg.review.server import address, make_server, serve
 
@@ -330,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8765, help="port (0: any free one)")
     p.add_argument("--reviewer", default=os.environ.get("USER", ""), help="the name recorded with verdicts "
                    "(default: $USER)")
+    p.add_argument("--log-mlflow", action="store_true", help="tag each registered model version whose masks the "
+                   "review holds with the counts of its verdicts (review.accept, review.fix, ...) and log "
+                   "verdicts.csv to its run")
+    p.add_argument("--tracking-uri")
     _config_args(p)
 
     p = add("select", cmd_select, "choose the best of several finished runs (2D against 3D, networks) by "

@@ -316,3 +316,63 @@ def load_queue(review_dir: Path) -> list[dict[str, Any]]:
     if not isinstance(data, dict) or not isinstance(data.get("cases"), list):
         raise DataError(f"{path}: expected {{'cases': [...]}}, found another structure")
     return data["cases"]
+
+
+STATES = ("accept", "fix", "reject", "open", "outdated")
+
+
+def _model_version(client: Any, ref: str) -> Any | None:
+    """The registered model version of ``models:/<name>/<version>`` or ``models:/<name>@<alias>``."""
+    from mlflow.exceptions import MlflowException
+
+    path = ref.removeprefix("models:/")
+    try:
+        if "@" in path:
+            name, alias = path.split("@", 1)
+            return client.get_model_version_by_alias(name, alias)
+        name, _, version = path.rpartition("/")
+        return client.get_model_version(name, version) if name and version.isdigit() else None
+    except MlflowException as err:
+        log.warning("%s: not found in the model registry (%s); its verdicts are not logged", ref, err)
+        return None
+
+
+def log_to_mlflow(review_dir: Path, tracking_uri: str) -> dict[str, dict[str, int]]:
+    """Record the verdicts on each registered model version whose masks the review holds: tags
+    ``review.<state>`` (counts of accept, fix, reject, open and outdated masks), ``review.cases`` and
+    ``review.folder``, and ``verdicts.csv`` under ``review/`` in the version's run. Cases with a
+    problem (no mask to judge) are left out; a prediction folder of an ensemble counts for each of its
+    models. Returns the counts by model reference."""
+    import mlflow
+
+    review_dir = Path(review_dir)
+    queue = load_queue(review_dir)
+    current = verdicts.current(review_dir)
+    records: dict[str, list[str]] = {}
+    counts: dict[str, dict[str, int]] = {}
+    for entry in queue:
+        if entry.get("problem"):  # no mask to judge
+            continue
+        folder = entry["prediction_dir"]
+        if folder not in records:
+            path = Path(folder) / "predict.json"
+            records[folder] = [m["model"] for m in read_json(path).get("models", [])] if path.is_file() else []
+        state = status(entry, current.get(entry["case_id"]))
+        for ref in records[folder]:
+            if ref.startswith("models:/"):
+                counts.setdefault(ref, dict.fromkeys(STATES, 0))[state] += 1
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    logged = {}
+    for ref, per_model in counts.items():
+        version = _model_version(client, ref)
+        if version is None:
+            continue
+        for state, n in per_model.items():
+            client.set_model_version_tag(version.name, version.version, f"review.{state}", str(n))
+        client.set_model_version_tag(version.name, version.version, "review.cases", str(sum(per_model.values())))
+        client.set_model_version_tag(version.name, version.version, "review.folder", str(review_dir.resolve()))
+        if (review_dir / verdicts.FILE).is_file() and version.run_id:
+            client.log_artifact(version.run_id, str(review_dir / verdicts.FILE), artifact_path="review")
+        logged[ref] = per_model
+        log.info("%s: %s", ref, ", ".join(f"{s} {n}" for s, n in per_model.items()))
+    return logged

@@ -250,7 +250,8 @@ def test_command_builds_and_refuses_nothing_to_do(tmp_path: Path, capsys: pytest
     assert f"review of 6 cases (2 flagged, 2 with problems) -> {out / 'index.html'}" in capsys.readouterr().out
     assert (out / "queue.json").is_file()
     assert main(["review", "--output", str(out)]) == 2
-    assert "expected --predictions (build the review folder) or --serve" in capsys.readouterr().err
+    assert "expected --predictions (build the review folder), --serve (serve a built one) or --log-mlflow" in \
+        capsys.readouterr().err
     assert main(["review", "--output", str(tmp_path / "unbuilt"), "--serve", "--port", "0"]) == 2
     assert "expected a review folder built by medseg review (queue.json)" in capsys.readouterr().err
     assert main(["review", "--predictions", str(folder), "--output", str(out), "--params", '{"window": [5, 1]}']) == 2
@@ -313,3 +314,34 @@ def test_scans_read_from_dicom_are_read_again_for_review(box_model: Path, tmp_pa
     np.testing.assert_allclose(images.image, np.asarray(expected.dataobj), atol=1e-3)
     mask = nib.as_closest_canonical(nib.load(str(tmp_path / "pred" / f"{case_id}.nii.gz")))
     np.testing.assert_array_equal(images.mask, np.asarray(mask.dataobj))
+
+
+def test_verdicts_are_logged_to_the_registered_model_versions(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("review", artifact_location=str(tmp_path / "artifacts"))
+    run = client.create_run(experiment)
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model("boxes")
+    version = client.create_model_version("boxes", f"runs:/{run.info.run_id}/model", run.info.run_id)
+    client.set_registered_model_alias("boxes", "champion", version.version)
+    folder, metrics = _predictions(tmp_path)
+    (folder / "predict.json").write_text(json.dumps({"models": [{"model": "models:/boxes@champion"},
+                                                                {"model": "models:/gone/3"},
+                                                                {"model": str(tmp_path / "best.pt")}]}))
+    out = tmp_path / "review"
+    review([folder], out, evaluation=metrics)
+    verdicts.record(out, "two", "reject", mask_sha256=sha256(folder / "two.nii.gz"))
+    verdicts.record(out, "edge", "fix", mask_sha256=sha256(folder / "edge.nii.gz"))
+    verdicts.record(out, "clean", "accept", mask_sha256="0" * 64)  # on an earlier mask
+    assert main(["review", "--output", str(out), "--log-mlflow", "--tracking-uri", uri]) == 0
+    assert "verdicts logged to 1 registered model version(s): models:/boxes@champion" in capsys.readouterr().out
+    tags = client.get_model_version("boxes", version.version).tags
+    assert {k: v for k, v in tags.items() if k.startswith("review.") and k != "review.folder"} == {
+        "review.accept": "0", "review.fix": "1", "review.reject": "1", "review.open": "1", "review.outdated": "1",
+        "review.cases": "4",  # the failed case and the one whose scan is gone have no mask to judge
+    }
+    assert tags["review.folder"] == str(out.resolve())
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "review")] == ["review/verdicts.csv"]
