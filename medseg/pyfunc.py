@@ -43,6 +43,7 @@ import torch
 
 from medseg.config import PredictConfig
 from medseg.errors import DataError, MedsegError
+from medseg.io import NIFTI_SUFFIXES, strip_nifti_suffix
 from medseg.modelio import SPEC_FILE, ModelSpec, load_checkpoint_model, resolve_device
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,6 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "medseg_model.pt"
 DEFAULT_OUTPUT = "medseg-predictions"
 COLUMNS = ["case", "image", "mask", "qc_flags", "uncertainty", "error"]
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 def save_checkpoint(path: Path, net: torch.nn.Module, spec: ModelSpec) -> Path:
@@ -105,7 +105,7 @@ def _cases(frame: pd.DataFrame) -> list[Any]:
         if not path.name.endswith(NIFTI_SUFFIXES):
             raise DataError(f"row {i}: {path}: expected a NIfTI file (.nii, .nii.gz) or a folder, found another file")
         name = row.get("case")
-        case_id = str(name) if isinstance(name, str) and name else path.name.removesuffix(".gz").removesuffix(".nii")
+        case_id = str(name) if isinstance(name, str) and name else strip_nifti_suffix(path.name)
         cases.append(CaseSource(case_id, (path.resolve(),)))
     if not cases:
         raise DataError("expected at least one scan, found an empty table")

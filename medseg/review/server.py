@@ -36,7 +36,7 @@ from medseg.stages.review import (
     load_entry,
     load_queue,
     mask_digest,
-    status,
+    states,
     summarize,
 )
 
@@ -73,25 +73,25 @@ class ReviewApp:
 
     def states(self) -> tuple[dict[str, str], dict[str, verdicts.Verdict]]:
         current = verdicts.current(self.dir)
-        return {e["case_id"]: status(e, current.get(e["case_id"])) for e in self.queue}, current
+        return states(self.queue, current), current
 
     def next_open(self, after: str) -> str | None:
         """The first case after ``after`` in the queue (then from the top) to review: shown, and
         without a verdict on its present mask."""
-        states, _ = self.states()
+        state_of, _ = self.states()
         start = self.order.index(after) + 1 if after in self.order else 0
         for case_id in self.order[start:] + self.order[:start]:
-            if case_id != after and states[case_id] in ("open", "outdated") and not self.by_id[case_id].get("problem"):
+            if case_id != after and state_of[case_id] in ("open", "outdated") and not self.by_id[case_id].get("problem"):
                 return case_id
         return None
 
     def index(self) -> str:
-        states, current = self.states()
-        return page.index_page(self.queue, states, current, summarize(self.queue, current), served=True)
+        state_of, current = self.states()
+        return page.index_page(self.queue, state_of, current, summarize(self.queue, current), served=True)
 
     def case(self, case_id: str) -> str:
         entry = self.by_id[case_id]
-        states, current = self.states()
+        state_of, current = self.states()
         position = self.order.index(case_id)
         problem = entry.get("problem")
         slices = {}
@@ -102,7 +102,7 @@ class ReviewApp:
             except MedsegError as err:
                 problem = f"cannot be shown: {err}"
         return page.case_page(
-            {**entry, "problem": problem}, states[case_id], current.get(case_id), position=position + 1,
+            {**entry, "problem": problem}, state_of[case_id], current.get(case_id), position=position + 1,
             total=len(self.order), previous=self.order[position - 1] if position > 0 else None,
             following=self.order[position + 1] if position + 1 < len(self.order) else None,
             slices=slices, reviewer=self.reviewer,

@@ -103,7 +103,9 @@ def case_metrics(
     return out
 
 
-def _references(manifest_path: Path | None, labels_dir: Path | None) -> tuple[dict[str, Path], dict[int, str] | None]:
+def references(manifest_path: Path | None, labels_dir: Path | None) -> tuple[dict[str, Path], dict[int, str] | None]:
+    """The reference label of each case (from a manifest, or a folder of labels named like the masks),
+    and the labels the manifest declares."""
     if manifest_path is not None:
         manifest, root = load_manifest(manifest_path)
         refs = {r.case_id: root / r.label for r in manifest.cases if r.label}
@@ -187,7 +189,7 @@ def evaluate(
 ) -> EvaluateResult:
     """Compare every mask in ``prediction_dirs`` with its reference; see the module doc."""
     config = config or EvaluateConfig()
-    refs, declared = _references(manifest_path, labels_dir)
+    refs, declared = references(manifest_path, labels_dir)
     names = {k: v for k, v in sorted((labels or declared or {}).items()) if k != 0}
     preds = {strip_nifti_suffix(p.name): p for d in prediction_dirs for p in sorted(Path(d).iterdir()) if is_nifti(p)}
     if not preds:

@@ -194,7 +194,7 @@ def _check_scan(scan: Path, shape: tuple[int, ...], channels: int) -> None:
         raise DataError(f"{scan}: expected {wanted} for this model, found shape {shape}")
 
 
-def _scan_record(case: CaseSource) -> dict:
+def scan_record(case: CaseSource) -> dict:
     """Where a case's scan is, for the QC and failure records (absolute paths)."""
     return {"scan": [str(Path(p).resolve()) for p in case.images], "scan_kind": case.kind}
 
@@ -376,7 +376,7 @@ def predict_cases(
             (out_dir / FAILED_DIR / f"{case.case_id}.json").unlink(missing_ok=True)
             # last: the case is done
             write_json(out_dir / QC_DIR / f"{case.case_id}.json", {
-                **qc.as_dict(), **_scan_record(case),
+                **qc.as_dict(), **scan_record(case),
                 "labels": {str(k): v for k, v in sorted(first.plan.labels.items()) if k != 0},
             })
             if qc.flags:
@@ -388,7 +388,7 @@ def predict_cases(
             failed[case.case_id] = message
             log.error("case %s failed: %s", case.case_id, message)
             write_json(out_dir / FAILED_DIR / f"{case.case_id}.json",
-                       {"case_id": case.case_id, "error": message, **_scan_record(case)})
+                       {"case_id": case.case_id, "error": message, **scan_record(case)})
 
         def collect(case: CaseSource, future: Future) -> Any:
             try:

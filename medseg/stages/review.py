@@ -30,6 +30,7 @@ them, and a verdict on a mask that has since changed counts as outdated.
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import math
 import os
@@ -62,7 +63,9 @@ class ReviewResult:
     summary: dict[str, Any]
 
 
-_DIGESTS: dict[tuple[str, int, int], str] = {}
+@functools.lru_cache(maxsize=4096)
+def _digest(path: str, mtime_ns: int, size: int) -> str:  # the stat fields key the cache to the file's version
+    return sha256(Path(path))
 
 
 def mask_digest(path: Path | str | None) -> str:
@@ -70,10 +73,7 @@ def mask_digest(path: Path | str | None) -> str:
     if not path or not Path(path).is_file():
         return ""
     stat = os.stat(path)
-    key = (str(path), stat.st_mtime_ns, stat.st_size)
-    if key not in _DIGESTS:
-        _DIGESTS[key] = sha256(Path(path))
-    return _DIGESTS[key]
+    return _digest(str(path), stat.st_mtime_ns, stat.st_size)
 
 
 def status(entry: dict[str, Any], verdict: verdicts.Verdict | None) -> str:
@@ -85,10 +85,36 @@ def status(entry: dict[str, Any], verdict: verdicts.Verdict | None) -> str:
     return verdict.verdict
 
 
+def states(queue: Sequence[dict[str, Any]], current: dict[str, verdicts.Verdict]) -> dict[str, str]:
+    """The ``status`` of every case of the queue."""
+    return {e["case_id"]: status(e, current.get(e["case_id"])) for e in queue}
+
+
 def _order(entry: dict[str, Any]) -> tuple:
     group = 0 if entry["problem"] else 1 if entry["flags"] else 2
     uncertainty = entry["uncertainty"] if entry["uncertainty"] is not None else math.inf
     return group, -len(entry["flags"]), -uncertainty, entry["case_id"]
+
+
+def _entry(folder: Path, case_id: str, record: dict[str, Any], *, predicted: bool) -> dict[str, Any]:
+    """A queue entry from a QC record (``predicted``) or from a failure record."""
+    mask = folder / f"{case_id}.nii.gz"
+    uncertainty_map = folder / "uncertainty" / f"{case_id}.nii.gz"
+    if predicted:
+        problem = None if mask.is_file() else f"{mask}: the mask of this QC record is missing"
+    else:
+        problem = f"prediction failed: {record.get('error', 'no reason recorded')}"
+    volumes = dict(record.get("volumes_ml", {}))
+    return {
+        "case_id": case_id, "prediction_dir": str(folder.resolve()),
+        "mask": str(mask.resolve()) if predicted and mask.is_file() else None,
+        "scan": record.get("scan") or [], "scan_kind": record.get("scan_kind", "nifti"),
+        "uncertainty_map": str(uncertainty_map.resolve()) if predicted and uncertainty_map.is_file() else None,
+        "flags": list(record.get("flags", [])), "details": dict(record.get("details", {})),
+        "uncertainty": record.get("uncertainty"), "volumes_ml": volumes,
+        "labels": record.get("labels") or {str(k): n for k, n in enumerate(volumes, start=1)},
+        "problem": problem,
+    }
 
 
 def _records(folder: Path) -> list[dict[str, Any]]:
@@ -99,33 +125,10 @@ def _records(folder: Path) -> list[dict[str, Any]]:
     failed_files = sorted((folder / FAILED_DIR).glob("*.json"))
     if not qc_files and not failed_files:
         raise DataError(f"{folder}: expected the output of medseg predict (records under {QC_DIR}/), found none")
-    entries = []
-    for path in qc_files:
-        qc = read_json(path)
-        case_id = path.stem
-        mask = folder / f"{case_id}.nii.gz"
-        uncertainty_map = folder / "uncertainty" / f"{case_id}.nii.gz"
-        entries.append({
-            "case_id": case_id, "prediction_dir": str(folder.resolve()),
-            "mask": str(mask.resolve()) if mask.is_file() else None,
-            "scan": qc.get("scan") or [], "scan_kind": qc.get("scan_kind", "nifti"),
-            "uncertainty_map": str(uncertainty_map.resolve()) if uncertainty_map.is_file() else None,
-            "flags": list(qc.get("flags", [])), "details": dict(qc.get("details", {})),
-            "uncertainty": qc.get("uncertainty"), "volumes_ml": dict(qc.get("volumes_ml", {})),
-            "labels": qc.get("labels") or {str(k): n for k, n in enumerate(qc.get("volumes_ml", {}), start=1)},
-            "problem": None if mask.is_file() else f"{mask}: the mask of this QC record is missing",
-        })
+    entries = [_entry(folder, path.stem, read_json(path), predicted=True) for path in qc_files]
     done = {e["case_id"] for e in entries}
-    for path in failed_files:
-        record = read_json(path)
-        if path.stem in done:
-            continue
-        entries.append({
-            "case_id": path.stem, "prediction_dir": str(folder.resolve()), "mask": None,
-            "scan": record.get("scan") or [], "scan_kind": record.get("scan_kind", "nifti"), "uncertainty_map": None,
-            "flags": [], "details": {}, "uncertainty": None, "volumes_ml": {}, "labels": {},
-            "problem": f"prediction failed: {record.get('error', 'no reason recorded')}",
-        })
+    entries += [_entry(folder, path.stem, read_json(path), predicted=False)
+                for path in failed_files if path.stem not in done]
     return entries
 
 
@@ -155,16 +158,16 @@ def _metrics(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def _references(manifest_path: Path) -> dict[str, str]:
-    from medseg.manifest import load_manifest
+    from medseg.stages.evaluate import references
 
-    manifest, root = load_manifest(manifest_path)
-    return {r.case_id: str((root / r.label).resolve()) for r in manifest.cases if r.label}
+    return {case_id: str(path.resolve()) for case_id, path in references(manifest_path, None)[0].items()}
 
 
-def _scans_from_input(scans: Path) -> dict[str, tuple[list[str], str]]:
-    from medseg.stages.predict import cases_from_input
+def _scans_from_input(scans: Path) -> dict[str, dict[str, Any]]:
+    """Each case's ``scan`` and ``scan_kind`` as predict records them, from the predict input."""
+    from medseg.stages.predict import cases_from_input, scan_record
 
-    return {c.case_id: ([str(Path(p).resolve()) for p in c.images], c.kind) for c in cases_from_input(scans)}
+    return {c.case_id: scan_record(c) for c in cases_from_input(scans)}
 
 
 def scan_image(entry: dict[str, Any]) -> tuple[nib.Nifti1Image, str]:
@@ -203,16 +206,15 @@ def summarize(entries: Sequence[dict[str, Any]], current: dict[str, verdicts.Ver
     for entry in entries:
         for flag in entry["flags"]:
             flags[flag] = flags.get(flag, 0) + 1
-    states: dict[str, int] = {}
-    for entry in entries:
-        state = status(entry, current.get(entry["case_id"]))
-        states[state] = states.get(state, 0) + 1
+    counts: dict[str, int] = {}
+    for state in states(entries, current).values():
+        counts[state] = counts.get(state, 0) + 1
     summary: dict[str, Any] = {
         "n_cases": len(entries),
         "n_problems": sum(1 for e in entries if e["problem"]),
         "n_flagged": sum(1 for e in entries if e["flags"]),
         "flags": dict(sorted(flags.items())),
-        "verdicts": dict(sorted(states.items())),
+        "verdicts": dict(sorted(counts.items())),
     }
     scored = [e for e in entries if e.get("metrics") and e["metrics"].get("mean_dice") is not None]
     if scored:
@@ -267,8 +269,7 @@ def review(
     references = _references(Path(manifest)) if manifest is not None else {}
     metrics = _metrics(Path(evaluation)) if evaluation is not None else {}
     for case_id, entry in entries.items():
-        if case_id in given:
-            entry["scan"], entry["scan_kind"] = given[case_id]
+        entry.update(given.get(case_id, {}))
         entry["reference"] = references.get(case_id)
         entry["metrics"] = metrics.get(case_id)
         entry["mask_sha256"] = mask_digest(entry["mask"])
@@ -300,8 +301,7 @@ def review(
     write_json(out_dir / QUEUE, {"cases": queue})
     write_json(out_dir / SUMMARY, summary)
     with atomic_path(out_dir / INDEX) as tmp:
-        tmp.write_text(page.index_page(queue, {e["case_id"]: status(e, current.get(e["case_id"])) for e in queue},
-                                       current, summary, served=False))
+        tmp.write_text(page.index_page(queue, states(queue, current), current, summary, served=False))
     log.info("review of %d cases (%d flagged, %d with problems) -> %s", summary["n_cases"], summary["n_flagged"],
              summary["n_problems"], out_dir / INDEX)
     return ReviewResult(out_dir, queue, summary)
@@ -318,7 +318,7 @@ def load_queue(review_dir: Path) -> list[dict[str, Any]]:
     return data["cases"]
 
 
-STATES = ("accept", "fix", "reject", "open", "outdated")
+STATES = (*verdicts.CHOICES, "open", "outdated")
 
 
 def _model_version(client: Any, ref: str) -> Any | None:
