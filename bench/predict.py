@@ -154,22 +154,13 @@ def hippocampus_set(msd: Path, cases: list[str], folder: Path) -> Path:
     return folder
 
 
-def _fit(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """``a`` centre-cropped or zero-padded to ``shape``."""
-    out = np.zeros(shape, dtype=a.dtype)
-    src, dst = [], []
-    for n, m in zip(a.shape, shape):
-        lo = abs(n - m) // 2
-        src.append(slice(lo, lo + m) if n > m else slice(0, n))
-        dst.append(slice(0, m) if n > m else slice(lo, lo + n))
-    out[tuple(dst)] = a[tuple(src)]
-    return out
-
-
 def ct_set(msd: Path, cases: list[str], folder: Path, slices: int) -> Path:
     """One 512 x 512 x ``slices`` scan of 0.8 x 0.8 x 1 mm tiled from the cases (see the module's text)."""
     import nibabel as nib
+    from monai.transforms import ResizeWithPadOrCrop
     from scipy import ndimage
+
+    fit = ResizeWithPadOrCrop(TILE)  # centre-cropped or zero-padded to a tile
 
     if (folder / "labels" / "ct.nii.gz").exists():
         return folder
@@ -186,8 +177,8 @@ def ct_set(msd: Path, cases: list[str], folder: Path, slices: int) -> Path:
                 x = np.asarray(nib.load(str(msd / "imagesTr" / f"{case}.nii.gz")).dataobj, dtype=np.float32)
                 y = np.asarray(nib.load(str(msd / "labelsTr" / f"{case}.nii.gz")).dataobj, dtype=np.uint8)
                 cell = tuple(slice(n * t, (n + 1) * t) for n, t in zip((i, j, m), TILE))
-                image[cell] = _fit((x - x.mean()) / max(float(x.std()), 1e-8), TILE)
-                label[cell] = _fit(y, TILE)
+                image[cell] = np.asarray(fit(((x - x.mean()) / max(float(x.std()), 1e-8))[None]))[0]
+                label[cell] = np.asarray(fit(y[None]))[0]
     image, label = image[: grid[0], : grid[1], : grid[2]], label[: grid[0], : grid[1], : grid[2]]
     zoom = (512 / grid[0], 512 / grid[1], 1.0)
     image = ndimage.zoom(image, zoom, order=1)
