@@ -15,7 +15,7 @@ from html import escape
 from typing import Any
 from urllib.parse import quote
 
-from medseg.review.render import LAYERS, label_colour
+from medseg.review.render import label_colour
 from medseg.review.verdicts import CHOICES, Verdict
 
 STYLE = """
@@ -171,7 +171,7 @@ def case_page(
         )
     boxes = " ".join(
         f'<label><input type="checkbox" id="layer-{name}" {"checked" if name != "uncertainty" else ""} '
-        f'onchange="drawAll()"> {name}</label>' for name in layers if name in LAYERS
+        f'onchange="drawAll()"> {name}</label>' for name in layers
     )
     legend = " ".join(f'<span class="swatch" style="background:rgb{label_colour(int(k))}"></span>{escape(str(name))}'
                       for k, name in entry.get("labels", {}).items())
