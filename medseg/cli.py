@@ -97,10 +97,15 @@ def cmd_train(args: argparse.Namespace) -> None:
         uri=None if args.no_tracking else _tracking_uri(args), config=tracking_config,
         artifact_root=args.artifact_root, tags=tags,
     )
+    from medseg.tracking import configure_client
+    from medseg.walltime import job_stop_request
+
+    configure_client(tracking.uri, os.environ)
     result = train(
         args.preprocessed, args.plan, args.splits, args.output, config,
-        fold=args.fold, device=args.device, resume=args.resume, stop_after_epoch=args.stop_after_epoch,
-        tracking=tracking,
+        fold=args.fold, device=args.device, resume="auto" if args.resume_if_present else args.resume,
+        stop_after_epoch=args.stop_after_epoch, tracking=tracking,
+        stop=job_stop_request(os.environ, config.stop_before_limit_s),
     )
     print(f"fold {args.fold}: best validation Dice {result.best_dice:.4f} at epoch {result.best_epoch}; "
           f"model {result.model_uri}")
@@ -236,6 +241,47 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(report(args.results, _tracking_uri(args)))
 
 
+def cmd_slurm_local(args: argparse.Namespace) -> None:
+    from medseg.services import slurm
+
+    if args.action == "start":
+        cluster = slurm.start(args.dir)
+        print(f"SLURM on 127.0.0.1: node {cluster.node} ({cluster.cpus} CPUs, {cluster.memory_mb} MB), partition "
+              f"{cluster.partition}; stop it with: medseg slurm-local stop --dir {args.dir}")
+    else:
+        slurm.stop(args.dir)
+        print(f"SLURM of {args.dir} stopped")
+
+
+def cmd_tracking_server(args: argparse.Namespace) -> None:
+    from medseg.services import tracking_server
+
+    if args.action == "start":
+        server = tracking_server.start(args.dir, port=args.port, workers=args.workers)
+        print(f"MLflow server: {server.uri} (PostgreSQL on 127.0.0.1:{server.pg_port}, artifacts in "
+              f"{server.folder / 'artifacts'}); use it with: export MLFLOW_TRACKING_URI={server.uri}, or "
+              f"--config tracking_uri={server.uri}; stop it with: medseg tracking-server stop --dir {args.dir}")
+    else:
+        tracking_server.stop(args.dir)
+        print(f"tracking server of {args.dir} stopped (its data stay there)")
+
+
+def cmd_slurm_check(args: argparse.Namespace) -> None:
+    from medseg import slurm_check as check
+    from medseg.errors import ConfigError
+
+    profile = check.load_profile(args.profile)
+    parts = check.partitions(check.read_sinfo())
+    reqs = check.requests(profile, args.set_resources, args.set_threads)
+    for r in reqs:
+        print(f"{r.rule:22s} {r.cpus:3d} CPUs {r.memory_mb:7d} MB {r.gpus} GPUs "
+              f"{'-' if r.runtime_min is None else f'{r.runtime_min:.0f} min':>9s}  partition {r.partition or '(default)'}")
+    found = check.problems(reqs, parts, args.profile)
+    if found:
+        raise ConfigError(f"{len(found)} request(s) that no node can hold:\n" + "\n".join(found))
+    print("every rule fits a node of its partition")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medseg", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -274,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--manifest", type=Path, help="the ingest manifest (its digest becomes a run tag)")
     p.add_argument("--resume", action="store_true", help="continue from <output>/last.pt")
+    p.add_argument("--resume-if-present", action="store_true",
+                   help="continue from <output>/last.pt when it exists and was written with the same plan, network "
+                   "and train config, else start afresh (the workflow's rule: a retried job resumes)")
     p.add_argument("--stop-after-epoch", type=int, metavar="N",
                    help="end this run after epoch N (the schedule still spans all epochs); continue with --resume")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -354,6 +403,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="Task04_Hippocampus")
     p.add_argument("--output", type=Path, default=Path("data/raw"))
 
+    p = add("slurm-local", cmd_slurm_local, "start or stop a one-node SLURM cluster on 127.0.0.1 (root; Debian's "
+            "slurm-wlm and munge) to try the SLURM profile on one machine")
+    p.add_argument("action", choices=["start", "stop"])
+    p.add_argument("--dir", type=Path, default=Path("data/services/slurm"), help="state, spool and logs")
+
+    p = add("tracking-server", cmd_tracking_server, "start or stop a team's MLflow server on 127.0.0.1 with a "
+            "PostgreSQL backend store and an artifact folder (Debian's postgresql)")
+    p.add_argument("action", choices=["start", "stop"])
+    p.add_argument("--dir", type=Path, default=Path("data/services/tracking"),
+                   help="the database, the artifacts and the logs (kept across restarts)")
+    p.add_argument("--port", type=int, help="the MLflow server's port (default: the last one, else a free one)")
+    p.add_argument("--workers", type=int, default=2, help="server worker processes")
+
+    p = add("slurm-check", cmd_slurm_check, "check a Snakemake SLURM profile's CPUs, memory, time and GPUs per "
+            "rule against the cluster's nodes (sinfo), naming the setting to change")
+    p.add_argument("--profile", type=Path, default=Path("configs/profiles/slurm"))
+    p.add_argument("--set-resources", nargs="*", default=[], metavar="RULE:NAME=VALUE",
+                   help="the overrides you pass to snakemake")
+    p.add_argument("--set-threads", nargs="*", default=[], metavar="RULE=N")
+
     p = add("report", cmd_report, "summarize a finished workflow run")
     p.add_argument("--results", type=Path, default=Path("data/results"))
     p.add_argument("--tracking-uri")
@@ -377,6 +446,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.func(args)
     except MedsegError as err:
         print(f"medseg {args.command}: error: {err}", file=sys.stderr)
+        return getattr(err, "exit_code", 2)
+    except Exception as err:
+        from medseg.tracking import unreachable
+
+        if not unreachable(err):
+            raise
+        print(f"medseg {args.command}: error: the MLflow tracking server did not answer: {str(err).splitlines()[0]}",
+              file=sys.stderr)
         return 2
     return 0
 

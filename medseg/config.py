@@ -243,6 +243,12 @@ class TrainConfig(StrictModel):
         description="Time budget: stop with a checkpoint before an epoch that would end past it (judged by the "
         "longest epoch so far), e.g. a cluster job's wall-time limit less a margin.",
     )
+    stop_before_limit_s: float | None = Field(
+        default=60.0, ge=0,
+        description="In a SLURM job: stop, with a checkpoint, before an epoch that would end later than this many "
+        "seconds before the job's time limit (read from SLURM), and exit with status 75 so that the workflow's "
+        "retry resumes from last.pt in the same MLflow run; null = ignore the job's limit.",
+    )
 
 
 class PredictConfig(StrictModel):
@@ -405,6 +411,11 @@ class TrackingConfig(StrictModel):
     experiment: str = "medseg"
     registered_model: str | None = Field(
         default=None, description="Name in the model registry; null = 'medseg-<experiment>'."
+    )
+    server_wait_s: float = Field(
+        default=300.0, ge=0,
+        description="How long a job retries an MLflow server that does not answer before it fails with a one-line "
+        "message; a training keeps its checkpoint, and its rerun resumes and logs the epochs the server missed.",
     )
 
     @property

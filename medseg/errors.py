@@ -40,3 +40,17 @@ class DownloadError(MedsegError):
 
 class ModelError(MedsegError):
     """A model cannot be found, loaded or used."""
+
+
+class ServiceError(MedsegError):
+    """A local service (SLURM, PostgreSQL, an MLflow server) cannot be started, reached or stopped."""
+
+
+class TrackingError(MedsegError):
+    """The MLflow tracking store or server did not answer within the wait that medseg allows."""
+
+
+class TrainingInterrupted(MedsegError):
+    """Training stopped early, with its checkpoint written, before a wall-time limit: run it again to resume."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again

@@ -2,7 +2,7 @@ TRAIN_SHELL = (
     "{params.launcher} train --preprocessed {params.pre} --plan {input.plan} --splits {input.splits} "
     "--fold {wildcards.fold} --output {params.out} --manifest {input.manifest} "
     "--params {params.cfg} --tracking-params {params.tracking} --tracking-uri {params.uri} "
-    "--artifact-root {params.artifacts} --tag snakemake.rule={params.rule} > {log} 2>&1"
+    "--artifact-root {params.artifacts} --tag snakemake.rule={params.rule} --resume-if-present > {log} 2>&1"
 )
 
 

@@ -7,6 +7,16 @@ trained model is: a registry URI when tracking is on, else ``best.pt``).
 ``resume=True`` continues from ``last.pt`` with the optimizer, scheduler, scaler, epoch,
 best score and random state. Each epoch reseeds from ``seed + epoch``, so an interrupted and
 resumed training gives the same weights as an uninterrupted one (on the same device).
+``resume="auto"`` (the workflow's rule) resumes when ``last.pt`` exists and was written by the
+same plan, network and schedule, and starts afresh otherwise.
+
+A ``stop`` request (``medseg.walltime``: a SLURM job's time limit less a margin, or SIGUSR1) ends
+the run after the epoch that makes it due, with ``last.pt`` written and logged, and raises
+``TrainingInterrupted`` (the command exits 75, ``model.json`` is not written); the rerun resumes in
+the same MLflow run. Metrics are logged after the checkpoint, and a resume logs the epochs that
+the run lacks, so no step is logged twice; a fold run, a parent run and a model version are looked
+up before they are made, so a retried job makes none twice. An MLflow server that does not answer
+is retried for ``tracking.server_wait_s``, then the run fails with a one-line ``TrackingError``.
 """
 
 from __future__ import annotations
@@ -33,12 +43,13 @@ from torch import nn
 
 from medseg import caching, transfer
 from medseg.config import TrackingConfig, TrainConfig
-from medseg.errors import DataError, ModelError
+from medseg.errors import DataError, ModelError, TrainingInterrupted
 from medseg.io import atomic_path, write_json
 from medseg.modelio import ModelSpec, build_from_spec, log_model, resolve_device
 from medseg.networks import network_roi
 from medseg.stages.plan import load_plan, load_splits
 from medseg.stages.preprocess import load_case, read_index
+from medseg.walltime import StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +213,62 @@ def validate_dice(
     return np.nan_to_num(mean, nan=0.0)
 
 
+# Settings that do not change what a training computes: a checkpoint written under other values resumes.
+RESUME_IGNORES = frozenset({"folds", "max_minutes", "stop_before_limit_s", "num_workers", "cache", "cache_max_gb"})
+
+
+def resume_key(config: TrainConfig) -> dict[str, Any]:
+    """The part of the train config that a checkpoint must share to be resumed by ``resume="auto"``."""
+    return {k: v for k, v in config.model_dump(mode="json").items() if k not in RESUME_IGNORES}
+
+
+def _checkpoint_matches(path: Path, spec: ModelSpec, config: TrainConfig) -> bool:
+    """Whether ``path`` is a last.pt of this plan, network and schedule (``resume="auto"``)."""
+    if not path.exists():
+        return False
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - a damaged checkpoint is started afresh
+        log.warning("%s cannot be read (%s): training starts afresh", path, err)
+        return False
+    if ModelSpec.model_validate(state["spec"]) != spec or state.get("config") != resume_key(config):
+        log.warning("%s was written with another plan, network or train config: training starts afresh", path)
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _run_scope(active: Any, wait: Any) -> Iterator[Any]:
+    """The active MLflow run (or None) as a scope: ended FINISHED, or FAILED on an error, without letting
+    a server that is gone replace the error that ended the run."""
+    if active is None:
+        yield None
+        return
+    import mlflow
+
+    try:
+        yield active
+    except BaseException:
+        with contextlib.suppress(Exception):
+            mlflow.end_run("FAILED")
+        raise
+    wait(lambda: mlflow.end_run("FINISHED"), what="ending the run")
+
+
+def _register(net: nn.Module, spec: ModelSpec, model_name: str, run_id: str | None) -> str:
+    """Log and register the model of the active run, or find the version an earlier try of this job
+    registered (a retry registers no second version); returns its ``models:/`` URI."""
+    from medseg import tracking as trk
+
+    if run_id is not None and (version := trk.registered_version(model_name, run_id)) is not None:
+        log.info("run %s registered %s version %s already", run_id, model_name, version)
+        return f"models:/{model_name}/{version}"
+    with tempfile.TemporaryDirectory() as tmp:
+        info = log_model(net, spec, Path(tmp), model_name)
+    version = getattr(info, "registered_model_version", None)
+    return f"models:/{model_name}/{version}" if version else info.model_uri
+
+
 def training_key(spec: ModelSpec, config: TrainConfig, split: dict[str, list[str]]) -> str:
     """One key per training (all folds of one config): parent runs are found by it."""
     blob = json.dumps([spec.plan.model_dump(mode="json"), config.model_dump(mode="json"), sorted(split["train"] + split["val"])])
@@ -217,9 +284,10 @@ def train(
     *,
     fold: int = 0,
     device: str = "auto",
-    resume: bool = False,
+    resume: bool | str = False,
     stop_after_epoch: int | None = None,
     tracking: Tracking | None = None,
+    stop: StopRequest | None = None,
 ) -> TrainResult:
     """Train one fold; see the module doc for outputs.
 
@@ -262,6 +330,8 @@ def train(
     spec = ModelSpec(plan=plan, preprocess=pre_config, network=config.network, roi_size=roi, fold=fold)
     n_classes = plan.n_classes
     foreground_names = [plan.labels[k] for k in sorted(plan.labels) if k != 0]
+    if resume == "auto":
+        resume = _checkpoint_matches(out_dir / "last.pt", spec, config)
 
     set_determinism(seed=config.seed)
     net = build_from_spec(spec)
@@ -326,7 +396,8 @@ def train(
                                   seed=config.seed, drop_last=True) if procs.enabled else None)
 
     mlflow = None
-    run_ctx: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    run_ctx: Any = None
+    new_run = False
     if tracking.uri is not None and procs.main:  # one process talks to MLflow
         import mlflow as _mlflow
 
@@ -334,7 +405,11 @@ def train(
 
         mlflow = _mlflow
         exp_name = tracking.config.experiment
-        trk.experiment_id(tracking.uri, exp_name, tracking.artifact_root)
+        wait = functools.partial(trk.patient, uri=tracking.uri, wait_s=tracking.config.server_wait_s,
+                                 hint=f"the checkpoint {last_path} is kept: run the same command again (the workflow's "
+                                 "retry does) and training resumes and logs the epochs the server missed")
+        wait(lambda: trk.experiment_id(tracking.uri, exp_name, tracking.artifact_root, out_dir.parent / ".parent.lock"),
+             what="creating the experiment")
         common_tags = {**tracking.tags}
         if commit := trk.git_commit():
             common_tags["git.commit"] = commit
@@ -343,32 +418,36 @@ def train(
             | trk.flatten({k: v for k, v in plan.model_dump(mode="json").items() if k != "fingerprint"}, "plan.")
             | {"roi_size": str(roi)}
         )
-        parent = trk.parent_run(
+        parent = wait(lambda: trk.parent_run(
             exp_name, training_key(spec, config, split), f"{exp_name}-train", out_dir.parent / ".parent.lock",
             common_tags, params,
-        )
+        ), what="finding or creating the parent run")
+        new_run = run_id is None  # not resumed: log the fold's parameters and config
+        if run_id is None:  # an empty run of this fold left by an earlier try of this job, or a new one
+            run_id = wait(lambda: trk.fold_run(exp_name, parent, fold), what="looking for the fold's run")
         if run_id is None:
-            run_ctx = mlflow.start_run(
-                run_name=f"fold_{fold}", parent_run_id=parent,
-                experiment_id=mlflow.get_experiment_by_name(exp_name).experiment_id,
+            exp_id = wait(lambda: mlflow.get_experiment_by_name(exp_name).experiment_id, what="reading the experiment")
+            run_ctx = wait(lambda: mlflow.start_run(
+                run_name=f"fold_{fold}", parent_run_id=parent, experiment_id=exp_id,
                 tags={**common_tags, "fold": str(fold)},
-            )
+            ), what="creating the fold's run")
         else:
-            run_ctx = mlflow.start_run(run_id=run_id)
+            resumed_id = run_id
+            run_ctx = wait(lambda: mlflow.start_run(run_id=resumed_id), what="reopening the fold's run")
 
     started = time.monotonic()
-    with run_ctx as run:
-        if mlflow is not None and run_id is None:
+    with _run_scope(run_ctx, wait if mlflow is not None else None) as run:
+        if mlflow is not None and new_run:
             run_id = run.info.run_id
-            trk.log_params(
-                run_id, params | {"fold": str(fold), "n_train": str(len(train_cases)), "n_val": str(len(split["val"])), "cache": cache_mode}
-            )
+            fold_params = params | {"fold": str(fold), "n_train": str(len(train_cases)), "n_val": str(len(split["val"])),
+                                    "cache": cache_mode}
+            wait(lambda: trk.log_params(run_id, fold_params), what="logging the fold's parameters")
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / "plan.json").write_text(plan.model_dump_json(indent=2))
                 (Path(tmp) / "train_config.json").write_text(config.model_dump_json(indent=2))
-                mlflow.log_artifacts(tmp, artifact_path="config")
+                wait(lambda: mlflow.log_artifacts(tmp, artifact_path="config"), what="logging the config")
         if mlflow is not None and resume:
-            _backfill_metrics(mlflow, run_id, history)
+            wait(lambda: _backfill_metrics(mlflow, run_id, history), what="logging the epochs the run lacks")
         progress = tqdm(
             total=config.epochs, initial=start_epoch, desc=f"fold {fold}", unit="epoch", file=sys.stderr,
             mininterval=0 if sys.stderr.isatty() else 30, disable=None if procs.main else True,
@@ -441,13 +520,26 @@ def train(
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
                     "best_dice": best_dice, "best_epoch": best_epoch, "history": history, "rng": _rng_state(),
                     "spec": spec.model_dump(mode="json"), "run_id": run_id, "frozen": sorted(frozen),
+                    "config": resume_key(config),
                 })
             # Logged after the checkpoint: a kill in between leaves the epoch to the backfill of a resume, not
             # logged twice by a redone epoch.
             if mlflow is not None:
-                mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
+                metrics, step = {k: v for k, v in record.items() if k != "epoch"}, epoch + 1
+                wait(lambda: mlflow.log_metrics(metrics, step=step), what=f"logging epoch {step}")
             progress.set_postfix(loss=f"{record['train_loss']:.3f}", dice=f"{best_dice:.3f}")
             progress.update(1)
+            if stop is not None and epoch + 1 < config.epochs:
+                longest = max(h["epoch_seconds"] for h in history)
+                if distributed.from_main(stop.due(longest), procs):
+                    progress.close()
+                    distributed.stop(procs)
+                    if mlflow is not None:
+                        with contextlib.suppress(Exception):
+                            mlflow.end_run("KILLED")
+                    raise TrainingInterrupted(
+                        f"fold {fold}: stopped after epoch {epoch + 1} of {config.epochs}: {stop.why()}; "
+                        f"{last_path} holds it: run again (the workflow's retry does) and training resumes")
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < config.epochs:
                 progress.close()
                 log.info("fold %d: stopped after epoch %d as asked; continue with resume", fold, epoch + 1)
@@ -468,12 +560,11 @@ def train(
             best_state = torch.load(best_path, map_location="cpu", weights_only=False)
             final = build_from_spec(spec)
             final.load_state_dict(best_state["model"])
-            mlflow.log_metrics({"best_val_dice": best_dice, "best_epoch": best_epoch})
-            mlflow.log_artifact(str(out_dir / "history.json"))
-            with tempfile.TemporaryDirectory() as tmp:
-                info = log_model(final, spec, Path(tmp), tracking.config.model_name)
-            version = getattr(info, "registered_model_version", None)
-            model_uri = f"models:/{tracking.config.model_name}/{version}" if version else info.model_uri
+            wait(lambda: mlflow.log_metrics({"best_val_dice": best_dice, "best_epoch": best_epoch}),
+                 what="logging the best score")
+            wait(lambda: mlflow.log_artifact(str(out_dir / "history.json")), what="logging history.json")
+            model_uri = wait(lambda: _register(final, spec, tracking.config.model_name, run_id),
+                             what="logging and registering the model")
         write_json(out_dir / "model.json", {
             "model_uri": model_uri, "tracking_uri": tracking.uri, "run_id": run_id, "fold": fold,
             "best_val_dice": best_dice, "best_epoch": best_epoch, "checkpoint": str(best_path.resolve()),
