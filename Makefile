@@ -6,21 +6,29 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
+# The versions CI tested (make lock); CONSTRAINTS= installs without them.
+CONSTRAINTS ?= constraints.txt
 DATA ?=
 CORES ?= all
 RESULTS ?= data/results
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test venv clean-results bench-ingest bench-loader bench-accuracy bench-channels bench-predict bench-deps
+.PHONY: demo test venv lock clean-results bench-ingest bench-loader bench-accuracy bench-channels bench-predict bench-deps
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[test,cluster,server]'
 	touch $@
+
+# Record the versions of .venv in constraints.txt (after an upgrade on purpose, once the tests pass).
+lock: venv
+	@{ sed -n '1,/^# torch is pinned/p' constraints.txt; \
+	  $(BIN)/python -m pip freeze --exclude-editable | grep -v -i -E '^(torch|nvidia-[a-z0-9-]*|triton)==' \
+	  | grep -v ' @ '; } > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 demo: venv
 	@set -e; \

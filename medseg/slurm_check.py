@@ -20,7 +20,7 @@ import yaml
 
 from medseg.errors import ConfigError, ServiceError
 
-RULES = ("ingest", "plan", "preprocess", "train", "predict", "evaluate", "review", "train_configuration",
+RULES = ("ingest", "plan", "preprocess", "plan_configuration", "preprocess_configuration", "train", "predict", "evaluate", "review", "train_configuration",
          "predict_configuration", "evaluate_configuration", "predict_new_shard", "predict_new", "review_new", "select")
 
 

@@ -1,8 +1,12 @@
+# Snakemake empties a job's log before each try, so a failed try's lines (a train job stopped before
+# its SLURM time limit exits 75, and the retry resumes it) are appended to <log>.failed as well.
 TRAIN_SHELL = (
     "{params.launcher} train --preprocessed {params.pre} --plan {input.plan} --splits {input.splits} "
     "--fold {wildcards.fold} --output {params.out} --manifest {input.manifest} "
     "--params {params.cfg} --tracking-params {params.tracking} --tracking-uri {params.uri} "
-    "--artifact-root {params.artifacts} --tag snakemake.rule={params.rule} --resume-if-present > {log} 2>&1"
+    "--artifact-root {params.artifacts} --tag snakemake.rule={params.rule} --resume-if-present > {log} 2>&1 "
+    "|| {{ status=$?; {{ echo \"--- failed with exit status $status at $(date -Iseconds) on $(hostname)\"; "
+    "cat {log}; }} >> {log}.failed; exit $status; }}"
 )
 
 

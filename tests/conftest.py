@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,6 +37,40 @@ def shared_data() -> Path:
 def venv_bin() -> Path:
     """The folder of the running interpreter's scripts (medseg, snakemake)."""
     return Path(sys.executable).parent
+
+
+# The workflow on real hippocampus cases (tests/workflow): six training cases, two held out.
+CASES = [f"hippocampus_{i:03d}" for i in (1, 4, 6, 7, 14, 17)]
+HELD_OUT = ["hippocampus_019", "hippocampus_020"]
+
+
+def _env(venv_bin: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{venv_bin}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def snakemake(
+    venv_bin: Path, workdir: Path, *args: str, check: bool = True, configs: tuple[Path, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    cmd = [
+        str(venv_bin / "snakemake"), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+        "--cores", "2", "--configfile", str(REPO / "configs" / "experiments" / "smoke.yaml"), *map(str, configs), *args,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(venv_bin), timeout=1200)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def finished(shared_data: Path, venv_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A working folder where the whole workflow has run on 6 real cases (results in data/results)."""
+    work = tmp_path_factory.mktemp("workflow")
+    dataset = hippocampus_subset(shared_data, work / "hippo", CASES)
+    snakemake(venv_bin, work, "--config", f"dataset={dataset}")
+    return work
 
 
 def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
@@ -281,3 +316,56 @@ def train_box_model(root: Path, spacing_mm: tuple[float, float, float] = (1.0, 1
 def box_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The box model on a 1 mm plan."""
     return train_box_model(tmp_path_factory.mktemp("model"))
+
+
+# Real services on 127.0.0.1, started once per test run and stopped after it, even when a test fails.
+# .ci/run installs their Debian packages; a skip names the package that could not be installed.
+def _need(program: str, package: str, *folders: str) -> None:
+    import shutil
+
+    if shutil.which(program) is None and not any((Path(f) / program).is_file() for f in folders):
+        pytest.skip(f"{program} not installed (Debian package {package}; .ci/run installs it)")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """A one-node SLURM cluster on 127.0.0.1 (medseg.services.slurm)."""
+    _need("slurmctld", "slurm-wlm", "/usr/sbin")
+    _need("munged", "munge", "/usr/sbin")
+    from medseg.services import slurm
+
+    folder = tmp_path_factory.mktemp("slurm")
+    try:
+        yield slurm.start(folder)
+    finally:
+        slurm.stop(folder)
+
+
+@pytest.fixture(scope="session")
+def services_root():  # noqa: ANN201
+    """A folder for services' data that the ``postgres`` user can reach (pytest's own are root's alone)."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="medseg-services-"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tracking_server(services_root: Path):  # noqa: ANN201
+    """An MLflow server on 127.0.0.1 with a PostgreSQL backend store (medseg.services.tracking_server)."""
+    import glob
+
+    if not glob.glob("/usr/lib/postgresql/*/bin/initdb"):
+        _need("initdb", "postgresql")
+    from medseg.services import tracking_server as ts
+
+    folder = services_root / "tracking"
+    try:
+        yield ts.start(folder)
+    finally:
+        ts.stop(folder)

@@ -87,6 +87,9 @@ def _psql(pg_port: int, sql: str) -> str:
 
 
 def start_postgres(folder: Path, pg_port: int, max_connections: int = 100) -> None:
+    if os.geteuid() == 0 and subprocess.run(["runuser", "-u", "postgres", "--", "test", "-x", str(folder)]).returncode:
+        raise ServiceError(f"{folder}: PostgreSQL runs as the user postgres, who cannot enter this folder (or one "
+                           "above it): choose a folder that user can reach, or open its mode (chmod o+x)")
     data = folder / "postgres"
     if not (data / "PG_VERSION").is_file():
         data.mkdir(parents=True, exist_ok=True)

@@ -385,3 +385,42 @@ def test_channels_last_training_learns_the_same_and_saves_loadable_weights(prepa
     for x, y in zip(sorted(out_a.written), sorted(out_b.written)):
         same = np.asarray(nib.load(x).dataobj) == np.asarray(nib.load(y).dataobj)
         assert same.mean() > 0.999
+
+
+def test_stop_request_ends_with_a_checkpoint_and_auto_resume_finishes_the_same(prepared: Path, tmp_path: Path) -> None:
+    """A due stop request (a SLURM time limit, SIGUSR1) raises TrainingInterrupted after the epoch, with
+    last.pt written and no model.json; resume="auto" then gives the uninterrupted weights and history."""
+    from medseg.errors import TrainingInterrupted
+    from medseg.walltime import StopRequest
+
+    _train(prepared, tmp_path / "straight")
+    stopped = tmp_path / "stopped"
+    with pytest.raises(TrainingInterrupted, match=r"stopped after epoch 1 of 3: SIGUSR1 asked for a stop"):
+        _train(prepared, stopped, stop=StopRequest(signalled=True))
+    assert torch.load(stopped / "last.pt", weights_only=False)["epoch"] == 1
+    assert not (stopped / "model.json").exists()
+    # a limit far away does not stop it; "auto" takes the checkpoint up
+    result = _train(prepared, stopped, resume="auto", stop=StopRequest(end_time=4e9, margin_s=60))
+    assert result.epochs_run == 3
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+    b = torch.load(stopped / "last.pt", weights_only=False)
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0)
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+
+
+def test_auto_resume_starts_afresh_from_another_schedule_and_without_a_checkpoint(
+        prepared: Path, tmp_path: Path) -> None:
+    out = tmp_path / "f"
+    assert _train(prepared, out, resume="auto").epochs_run == 3  # no last.pt: a fresh start, no error
+    _train(prepared, out, stop_after_epoch=1)
+    longer = TINY.model_copy(update={"epochs": 4})
+    result = _train(prepared, out, longer, resume="auto")  # the checkpoint's schedule spans 3 epochs: afresh
+    assert result.epochs_run == 4
+    history = torch.load(out / "last.pt", weights_only=False)["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    # a setting that does not change what is computed (max_minutes) resumes
+    _train(prepared, out, stop_after_epoch=2)
+    budget = TINY.model_copy(update={"max_minutes": 30.0, "num_workers": 0})
+    assert _train(prepared, out, budget, resume="auto").epochs_run == 3
+    assert len(torch.load(out / "last.pt", weights_only=False)["history"]) == 3

@@ -12,31 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import REPO, hippocampus_subset
-
-CASES = [f"hippocampus_{i:03d}" for i in (1, 4, 6, 7, 14, 17)]
-HELD_OUT = ["hippocampus_019", "hippocampus_020"]
-
-
-def _env(venv_bin: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{venv_bin}{os.pathsep}{env.get('PATH', '')}"
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
-
-
-def snakemake(
-    venv_bin: Path, workdir: Path, *args: str, check: bool = True, configs: tuple[Path, ...] = ()
-) -> subprocess.CompletedProcess[str]:
-    cmd = [
-        str(venv_bin / "snakemake"), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-        "--cores", "2", "--configfile", str(REPO / "configs" / "experiments" / "smoke.yaml"), *map(str, configs), *args,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(venv_bin), timeout=1200)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
+from conftest import CASES, HELD_OUT, REPO, hippocampus_subset, snakemake
 
 def planned_rules(output: str) -> dict[str, int]:
     """Rule -> job count from the 'Job stats' table of a dry run."""
@@ -47,15 +23,6 @@ def planned_rules(output: str) -> dict[str, int]:
         if m and m.group(1) != "total":
             counts[m.group(1)] = int(m.group(2))
     return counts
-
-
-@pytest.fixture(scope="module")
-def finished(shared_data: Path, venv_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A working folder where the whole workflow has run on 6 real cases (results in data/results)."""
-    work = tmp_path_factory.mktemp("workflow")
-    dataset = hippocampus_subset(shared_data, work / "hippo", CASES)
-    snakemake(venv_bin, work, "--config", f"dataset={dataset}")
-    return work
 
 
 def test_lint(venv_bin: Path, tmp_path: Path) -> None:
