@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import CASES, HELD_OUT, REPO, hippocampus_subset, snakemake
+from conftest import CASES, HELD_OUT, _env, hippocampus_subset, snakemake
 
 def planned_rules(output: str) -> dict[str, int]:
     """Rule -> job count from the 'Job stats' table of a dry run."""
