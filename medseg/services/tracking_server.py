@@ -114,6 +114,14 @@ def health(uri: str) -> bool:
         return response.status == 200
 
 
+def health_or_false(uri: str) -> bool:
+    """Whether the server answers its health check now."""
+    try:
+        return health(uri)
+    except OSError:
+        return False
+
+
 def start_mlflow(folder: Path, *, port: int, backend_uri: str, workers: int, pool_size: int,
                  max_overflow: int, timeout: float = 120) -> None:
     (folder / "artifacts").mkdir(exist_ok=True)

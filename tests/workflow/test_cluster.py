@@ -24,7 +24,7 @@ SMOKE = REPO / "configs" / "experiments" / "smoke.yaml"
 FIT_THREADS = ("--set-threads", "ingest=1", "preprocess=1", "train=1", "predict=1")
 FIT_MEMORY = ("ingest:mem_mb=3000", "train:mem_mb=4000", "predict:mem_mb=3000")
 # Longer training for the time-limit tests: about 0.8 s an epoch on one core.
-LONG_TRAIN = {"network": {"channels": [4, 8], "num_res_units": 0}, "epochs": 40, "val_every": 5, "num_workers": 0,
+LONG_TRAIN = {"network": {"channels": [4, 8], "num_res_units": 0}, "epochs": 36, "val_every": 5, "num_workers": 0,
               "iterations_per_epoch": 20}
 SUBMITTED = re.compile(r"submitted with SLURM jobid (\d+) \(log: (\S+)\)")
 
@@ -156,7 +156,7 @@ def test_mlflow_server_holds_every_run_metric_and_model_version_once(slurm_run: 
 def test_slurm_train_job_stopped_before_its_time_limit_is_resumed_by_the_retry(
         slurm_run: dict, venv_bin: Path, tmp_path: Path) -> None:
     """A train job whose SLURM limit (1 minute) is shorter than its training stops with a checkpoint,
-    exits 75, and the workflow's retry resumes it: the same 40 epochs and the same history as an
+    exits 75, and the workflow's retry resumes it: the same 36 epochs and the same history as an
     uninterrupted run, in one MLflow run with each step once."""
     import mlflow
 
@@ -188,7 +188,7 @@ def test_slurm_train_job_stopped_before_its_time_limit_is_resumed_by_the_retry(
                     "--fold", "0", "--output", str(ref), "--no-tracking", "--params", json.dumps(LONG_TRAIN)],
                    check=True, capture_output=True, env=_env(venv_bin), timeout=600)
     reference = json.loads((ref / "history.json").read_text())
-    assert len(history) == len(reference) == 40
+    assert len(history) == len(reference) == 36
     for got, want in zip(history, reference, strict=True):
         for key in ("epoch", "train_loss", "lr", "val_dice"):
             assert (key in got) == (key in want)
@@ -199,19 +199,20 @@ def test_slurm_train_job_stopped_before_its_time_limit_is_resumed_by_the_retry(
     exp = client.get_experiment_by_name("smoke")
     runs = [r for r in client.search_runs([exp.experiment_id]) if "fold" in r.data.tags]
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss")] == list(range(1, 41))
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss")] == list(range(1, 37))
     assert len(client.search_model_versions("name = 'medseg-smoke'")) == 1
 
 
 def test_tracking_server_stopped_during_training_fails_the_job_and_the_rerun_resumes(
-        slurm_run: dict, venv_bin: Path, services_root: Path, tmp_path: Path) -> None:
+        slurm_run: dict, tracking_server, venv_bin: Path, tmp_path: Path) -> None:  # noqa: ANN001
     """docs/cluster.md: a job retries a server that does not answer for tracking.server_wait_s, then fails
-    with one line, keeping its checkpoint; run again, it resumes and logs what the server missed."""
+    with one line, keeping its checkpoint; run again, it resumes and logs what the server missed. (The
+    session's server, stopped and started again, in an experiment of its own.)"""
     import mlflow
 
     from medseg.services import tracking_server as ts
 
-    server = ts.start(services_root / "outage")
+    server = tracking_server
     try:
         results = slurm_run["work"] / "data" / "results"
         out = tmp_path / "fold_0"
@@ -260,7 +261,9 @@ def test_tracking_server_stopped_during_training_fails_the_job_and_the_rerun_res
             assert [m.step for m in client.get_metric_history(fold_run.info.run_id, metric)] == list(range(1, 13))
         assert [v.run_id for v in client.search_model_versions("name = 'medseg-outage'")] == [fold_run.info.run_id]
     finally:
-        ts.stop(server.folder)
+        if not ts.health_or_false(server.uri):
+            ts.start_mlflow(server.folder, port=server.port, backend_uri=server.backend_uri, workers=server.workers,
+                            pool_size=server.pool_size, max_overflow=server.max_overflow)
 
 
 def test_slurm_check_names_the_settings_the_test_node_needs(slurm_cluster, venv_bin: Path) -> None:  # noqa: ANN001
