@@ -143,36 +143,30 @@ def file_lock(path: Path) -> Iterator[None]:
 
 
 def parent_run(
-    experiment: str, key: str, name: str, lock: Path, tags: dict[str, str], params: dict[str, str] | None = None
+    experiment_id: str, key: str, name: str, lock: Path, tags: dict[str, str], params: dict[str, str] | None = None
 ) -> str:
     """The id of the parent run of a training (one per key), created by the first fold to ask."""
     import mlflow
 
     client = mlflow.MlflowClient()
     with file_lock(lock):
-        exp = client.get_experiment_by_name(experiment)
-        assert exp is not None
         runs = client.search_runs(
-            [exp.experiment_id], filter_string=f"tags.`{TRAINING_KEY_TAG}` = '{key}'", max_results=1
+            [experiment_id], filter_string=f"tags.`{TRAINING_KEY_TAG}` = '{key}'", max_results=1
         )
         if runs:
             return runs[0].info.run_id
-        run = client.create_run(exp.experiment_id, run_name=name, tags={TRAINING_KEY_TAG: key, **tags})
+        run = client.create_run(experiment_id, run_name=name, tags={TRAINING_KEY_TAG: key, **tags})
         log_params(run.info.run_id, params or {})
         client.set_terminated(run.info.run_id, "FINISHED")
         return run.info.run_id
 
 
-def fold_run(experiment: str, parent: str, fold: int) -> str | None:
+def fold_run(experiment_id: str, parent: str, fold: int) -> str | None:
     """The run of ``fold`` under ``parent`` that holds no metric yet (one that an earlier try of the same
     job created before it lost its connection or was killed), to go on in instead of a second run."""
     import mlflow
 
-    client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    runs = client.search_runs([exp.experiment_id], filter_string=(
+    runs = mlflow.MlflowClient().search_runs([experiment_id], filter_string=(
         f"tags.`mlflow.parentRunId` = '{parent}' and tags.fold = '{fold}'"))
     empty = [r for r in runs if not r.data.metrics]
     return empty[0].info.run_id if empty else None

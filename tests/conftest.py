@@ -319,12 +319,13 @@ def box_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # Real services on 127.0.0.1, started once per test run and stopped after it, even when a test fails.
-# .ci/run installs their Debian packages; a skip names the package that could not be installed.
+# .ci/run installs their Debian packages; a missing one fails the tests that need it, naming the package.
 def _need(program: str, package: str, *folders: str) -> None:
     import shutil
 
     if shutil.which(program) is None and not any((Path(f) / program).is_file() for f in folders):
-        pytest.skip(f"{program} not installed (Debian package {package}; .ci/run installs it)")
+        pytest.fail(f"{program} not installed: install the Debian package {package} (.ci/run does: "
+                    f"apt-get install {package})")
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -97,7 +100,7 @@ def stop_pid(pid: int | None, *, what: str, timeout: float = 20) -> None:
         _reap(pid)
         time.sleep(0.1)
     log.warning("%s (pid %d) did not stop on SIGTERM within %.0f s; killing it", what, pid, timeout)
-    with _ignore_missing():
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
 
 
@@ -109,9 +112,7 @@ def _reap(pid: int) -> None:
         pass
 
 
-class _ignore_missing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, *_: object) -> bool:
-        return kind is ProcessLookupError
+def record_json(record: object) -> str:
+    """A service's record (a dataclass) as JSON, paths as strings."""
+    return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(record).items()},
+                      indent=1)

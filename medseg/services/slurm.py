@@ -21,7 +21,7 @@ import os
 import shutil
 import socket
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from medseg.errors import ServiceError
@@ -42,9 +42,6 @@ class Cluster:
     memory_mb: int
     partition: str
     started_munge: bool
-
-    def to_json(self) -> str:
-        return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}, indent=1)
 
 
 def node_memory_mb(reserve_mb: int = 2048) -> int:
@@ -122,10 +119,6 @@ def _start_munge(folder: Path) -> bool:
     return True
 
 
-def _scontrol() -> str:
-    return process.program("scontrol", "slurm-client", "/usr/bin")
-
-
 def node_state(node: str) -> str:
     out = subprocess.run([process.program("sinfo", "slurm-client"), "-h", "-n", node, "-o", "%t"],
                          capture_output=True, text=True, timeout=10)
@@ -142,7 +135,8 @@ def start(folder: Path, *, cpus: int | None = None, memory_mb: int | None = None
     folder = Path(folder).resolve()
     for sub in ("state", "spool"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
-    if process.read_pid(folder / "slurmctld.pid") and process.alive(process.read_pid(folder / "slurmctld.pid") or 0):
+    running = process.read_pid(folder / "slurmctld.pid")
+    if running is not None and process.alive(running):
         raise ServiceError(f"a local SLURM cluster of {folder} runs already: stop it first (medseg slurm-local stop)")
     host = socket.gethostname().split(".")[0]
     node = "medseg-node"
@@ -163,7 +157,7 @@ def start(folder: Path, *, cpus: int | None = None, memory_mb: int | None = None
     process.wait_for(lambda: node_state(node) in ("idle", "mix", "alloc"), what=f"slurmd (node {node} idle)",
                      timeout=timeout, log_file=folder / "slurmd.log")
     cluster = Cluster(folder, node, cpus, memory_mb, PARTITION, started_munge)
-    (folder / "cluster.json").write_text(cluster.to_json())
+    (folder / "cluster.json").write_text(process.record_json(cluster))
     log.info("local SLURM cluster up: node %s, %d CPUs, %d MB, partition %s; state in %s",
              node, cpus, memory_mb, PARTITION, folder)
     return cluster

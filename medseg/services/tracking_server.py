@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from medseg.errors import ServiceError
@@ -50,9 +50,6 @@ class Server:
     def connection_bound(self) -> int:
         """The most PostgreSQL connections the MLflow server opens."""
         return self.workers * (self.pool_size + self.max_overflow)
-
-    def to_json(self) -> str:
-        return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}, indent=1)
 
     @classmethod
     def read(cls, folder: Path) -> Server:
@@ -122,21 +119,22 @@ def health_or_false(uri: str) -> bool:
         return False
 
 
-def start_mlflow(folder: Path, *, port: int, backend_uri: str, workers: int, pool_size: int,
-                 max_overflow: int, timeout: float = 120) -> None:
+def start_mlflow(server: Server, timeout: float = 120) -> None:
+    """Start the MLflow server of ``server`` (its PostgreSQL running), e.g. again after ``stop_mlflow``."""
+    folder = server.folder
     (folder / "artifacts").mkdir(exist_ok=True)
-    env = dict(os.environ, MLFLOW_SQLALCHEMYSTORE_POOL_SIZE=str(pool_size),
-               MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW=str(max_overflow))
+    env = dict(os.environ, MLFLOW_SQLALCHEMYSTORE_POOL_SIZE=str(server.pool_size),
+               MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW=str(server.max_overflow))
     mlflow = str(Path(sys.executable).with_name("mlflow"))
-    cmd = [mlflow if Path(mlflow).is_file() else "mlflow", "server", "--backend-store-uri", backend_uri,
-           "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", str(workers)]
+    cmd = [mlflow if Path(mlflow).is_file() else "mlflow", "server", "--backend-store-uri", server.backend_uri,
+           "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(server.port),
+           "--workers", str(server.workers)]
     log_file = folder / "mlflow.log"
     with open(log_file, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True)
     (folder / "mlflow.pid").write_text(str(proc.pid))
-    uri = f"http://127.0.0.1:{port}"
+    uri = server.uri
 
     def up() -> bool:
         if proc.poll() is not None:
@@ -170,10 +168,9 @@ def start(folder: Path, *, port: int | None = None, pg_port: int | None = None, 
     backend = f"postgresql://postgres@127.0.0.1:{pg_port}/{DATABASE}"
     server = Server(folder, f"http://127.0.0.1:{port}", port, pg_port, backend, workers, pool_size, max_overflow,
                     max_connections)
-    record.write_text(server.to_json())
+    record.write_text(process.record_json(server))
     try:
-        start_mlflow(folder, port=port, backend_uri=backend, workers=workers, pool_size=pool_size,
-                     max_overflow=max_overflow)
+        start_mlflow(server)
     except ServiceError:
         stop_postgres(folder)
         raise

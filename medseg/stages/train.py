@@ -222,25 +222,27 @@ def resume_key(config: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in config.model_dump(mode="json").items() if k not in RESUME_IGNORES}
 
 
-def _checkpoint_matches(path: Path, spec: ModelSpec, config: TrainConfig) -> bool:
-    """Whether ``path`` is a last.pt of this plan, network and schedule (``resume="auto"``)."""
+def _matching_checkpoint(path: Path, spec: ModelSpec, config: TrainConfig, dev: torch.device
+                         ) -> dict[str, Any] | None:
+    """The state in ``path`` if it is a last.pt of this plan, network and schedule, else None
+    (``resume="auto"``: training starts afresh)."""
     if not path.exists():
-        return False
+        return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location=dev, weights_only=False)
     except Exception as err:  # noqa: BLE001 - a damaged checkpoint is started afresh
         log.warning("%s cannot be read (%s): training starts afresh", path, err)
-        return False
+        return None
     if ModelSpec.model_validate(state["spec"]) != spec or state.get("config") != resume_key(config):
         log.warning("%s was written with another plan, network or train config: training starts afresh", path)
-        return False
-    return True
+        return None
+    return state
 
 
 @contextlib.contextmanager
 def _run_scope(active: Any, wait: Any) -> Iterator[Any]:
-    """The active MLflow run (or None) as a scope: ended FINISHED, or FAILED on an error, without letting
-    a server that is gone replace the error that ended the run."""
+    """The active MLflow run (or None) as a scope: ended FINISHED, KILLED when training stopped to be resumed,
+    or FAILED on another error, without letting a server that is gone replace the error that ended the run."""
     if active is None:
         yield None
         return
@@ -248,9 +250,9 @@ def _run_scope(active: Any, wait: Any) -> Iterator[Any]:
 
     try:
         yield active
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(Exception):
-            mlflow.end_run("FAILED")
+            mlflow.end_run("KILLED" if isinstance(err, TrainingInterrupted) else "FAILED")
         raise
     wait(lambda: mlflow.end_run("FINISHED"), what="ending the run")
 
@@ -330,8 +332,10 @@ def train(
     spec = ModelSpec(plan=plan, preprocess=pre_config, network=config.network, roi_size=roi, fold=fold)
     n_classes = plan.n_classes
     foreground_names = [plan.labels[k] for k in sorted(plan.labels) if k != 0]
+    state: dict[str, Any] | None = None  # the checkpoint to resume from
     if resume == "auto":
-        resume = _checkpoint_matches(out_dir / "last.pt", spec, config)
+        state = _matching_checkpoint(out_dir / "last.pt", spec, config, dev)
+        resume = state is not None
 
     set_determinism(seed=config.seed)
     net = build_from_spec(spec)
@@ -360,7 +364,8 @@ def train(
     if resume:
         if not last_path.exists():
             raise ModelError(f"--resume: expected a checkpoint at {last_path}, found none")
-        state = torch.load(last_path, map_location=dev, weights_only=False)
+        if state is None:
+            state = torch.load(last_path, map_location=dev, weights_only=False)
         if ModelSpec.model_validate(state["spec"]) != spec:
             raise ModelError(f"--resume: {last_path} was trained with another plan or network; start afresh")
         net.load_state_dict(state["model"])
@@ -408,8 +413,8 @@ def train(
         wait = functools.partial(trk.patient, uri=tracking.uri, wait_s=tracking.config.server_wait_s,
                                  hint=f"the checkpoint {last_path} is kept: run the same command again (the workflow's "
                                  "retry does) and training resumes and logs the epochs the server missed")
-        wait(lambda: trk.experiment_id(tracking.uri, exp_name, tracking.artifact_root, out_dir.parent / ".parent.lock"),
-             what="creating the experiment")
+        exp_id = wait(lambda: trk.experiment_id(tracking.uri, exp_name, tracking.artifact_root,
+                                                out_dir.parent / ".parent.lock"), what="creating the experiment")
         common_tags = {**tracking.tags}
         if commit := trk.git_commit():
             common_tags["git.commit"] = commit
@@ -419,21 +424,19 @@ def train(
             | {"roi_size": str(roi)}
         )
         parent = wait(lambda: trk.parent_run(
-            exp_name, training_key(spec, config, split), f"{exp_name}-train", out_dir.parent / ".parent.lock",
+            exp_id, training_key(spec, config, split), f"{exp_name}-train", out_dir.parent / ".parent.lock",
             common_tags, params,
         ), what="finding or creating the parent run")
         new_run = run_id is None  # not resumed: log the fold's parameters and config
         if run_id is None:  # an empty run of this fold left by an earlier try of this job, or a new one
-            run_id = wait(lambda: trk.fold_run(exp_name, parent, fold), what="looking for the fold's run")
+            run_id = wait(lambda: trk.fold_run(exp_id, parent, fold), what="looking for the fold's run")
         if run_id is None:
-            exp_id = wait(lambda: mlflow.get_experiment_by_name(exp_name).experiment_id, what="reading the experiment")
             run_ctx = wait(lambda: mlflow.start_run(
                 run_name=f"fold_{fold}", parent_run_id=parent, experiment_id=exp_id,
                 tags={**common_tags, "fold": str(fold)},
             ), what="creating the fold's run")
         else:
-            resumed_id = run_id
-            run_ctx = wait(lambda: mlflow.start_run(run_id=resumed_id), what="reopening the fold's run")
+            run_ctx = wait(lambda: mlflow.start_run(run_id=run_id), what="reopening the fold's run")
 
     started = time.monotonic()
     with _run_scope(run_ctx, wait if mlflow is not None else None) as run:
@@ -534,9 +537,6 @@ def train(
                 if distributed.from_main(stop.due(longest), procs):
                     progress.close()
                     distributed.stop(procs)
-                    if mlflow is not None:
-                        with contextlib.suppress(Exception):
-                            mlflow.end_run("KILLED")
                     raise TrainingInterrupted(
                         f"fold {fold}: stopped after epoch {epoch + 1} of {config.epochs}: {stop.why()}; "
                         f"{last_path} holds it: run again (the workflow's retry does) and training resumes")

@@ -43,6 +43,13 @@ def snakemake_slurm(venv_bin: Path, workdir: Path, config: Path, *args: str, res
     return proc
 
 
+def train_fold_0(venv_bin: Path, results: Path, out: Path, params: dict, *extra: str) -> list[str]:
+    """``medseg train`` of fold 0 on a finished run's preprocessed cases, outside Snakemake."""
+    return [str(venv_bin / "medseg"), "train", "--preprocessed", str(results / "preprocessed"),
+            "--plan", str(results / "plan" / "plan.json"), "--splits", str(results / "plan" / "splits.json"),
+            "--fold", "0", "--output", str(out), "--params", json.dumps(params), *extra]
+
+
 def submitted_jobs(output: str) -> dict[str, list[str]]:
     """Rule -> SLURM job ids, from Snakemake's 'submitted with SLURM jobid N (log: .../rule_<rule>/...)' lines."""
     jobs: dict[str, list[str]] = {}
@@ -183,9 +190,7 @@ def test_slurm_train_job_stopped_before_its_time_limit_is_resumed_by_the_retry(
 
     # the same training, uninterrupted, outside SLURM
     ref = tmp_path / "reference"
-    subprocess.run([str(venv_bin / "medseg"), "train", "--preprocessed", str(results / "preprocessed"),
-                    "--plan", str(results / "plan" / "plan.json"), "--splits", str(results / "plan" / "splits.json"),
-                    "--fold", "0", "--output", str(ref), "--no-tracking", "--params", json.dumps(LONG_TRAIN)],
+    subprocess.run(train_fold_0(venv_bin, results, ref, LONG_TRAIN, "--no-tracking"),
                    check=True, capture_output=True, env=_env(venv_bin), timeout=600)
     reference = json.loads((ref / "history.json").read_text())
     assert len(history) == len(reference) == 36
@@ -216,11 +221,9 @@ def test_tracking_server_stopped_during_training_fails_the_job_and_the_rerun_res
     try:
         results = slurm_run["work"] / "data" / "results"
         out = tmp_path / "fold_0"
-        cmd = [str(venv_bin / "medseg"), "train", "--preprocessed", str(results / "preprocessed"),
-               "--plan", str(results / "plan" / "plan.json"), "--splits", str(results / "plan" / "splits.json"),
-               "--fold", "0", "--output", str(out), "--tracking-uri", server.uri, "--resume-if-present",
-               "--tracking-params", json.dumps({"experiment": "outage", "server_wait_s": 8}),
-               "--params", json.dumps({**LONG_TRAIN, "epochs": 12})]
+        cmd = train_fold_0(venv_bin, results, out, {**LONG_TRAIN, "epochs": 12}, "--tracking-uri", server.uri,
+                           "--resume-if-present", "--tracking-params",
+                           json.dumps({"experiment": "outage", "server_wait_s": 8}))
         log = tmp_path / "first.log"
         client = mlflow.MlflowClient(server.uri)
         with open(log, "w") as fh:
@@ -247,8 +250,7 @@ def test_tracking_server_stopped_during_training_fails_the_job_and_the_rerun_res
         kept = torch.load(out / "last.pt", map_location="cpu", weights_only=False)["epoch"]
         assert 3 <= kept < 12
 
-        ts.start_mlflow(server.folder, port=server.port, backend_uri=server.backend_uri, workers=server.workers,
-                        pool_size=server.pool_size, max_overflow=server.max_overflow)
+        ts.start_mlflow(server)
         rerun = subprocess.run(cmd, capture_output=True, text=True, env=_env(venv_bin), timeout=600)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         assert f"resuming fold 0 at epoch {kept}" in rerun.stderr
@@ -262,8 +264,7 @@ def test_tracking_server_stopped_during_training_fails_the_job_and_the_rerun_res
         assert [v.run_id for v in client.search_model_versions("name = 'medseg-outage'")] == [fold_run.info.run_id]
     finally:
         if not ts.health_or_false(server.uri):
-            ts.start_mlflow(server.folder, port=server.port, backend_uri=server.backend_uri, workers=server.workers,
-                            pool_size=server.pool_size, max_overflow=server.max_overflow)
+            ts.start_mlflow(server)
 
 
 def test_slurm_check_names_the_settings_the_test_node_needs(slurm_cluster, venv_bin: Path) -> None:  # noqa: ANN001
