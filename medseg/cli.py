@@ -19,6 +19,8 @@ from medseg.errors import MedsegError
 
 log = logging.getLogger("medseg")
 
+REVIEWED_CASES_ARTIFACT = "data/reviewed_cases.json"  # in a training's fold runs: the reviewed cases' provenance
+
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, action="append", default=[], metavar="YAML",
@@ -89,13 +91,19 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = _section(args, TrainConfig, "train")
     tracking_config = _section(args, TrackingConfig, "tracking", args.tracking_params or "")
     tags = _tags(args.tag)
+    artifacts = {}
     if args.manifest:
         from medseg.manifest import load_manifest
 
-        tags["manifest.digest"] = load_manifest(args.manifest)[0].digest()
+        manifest = load_manifest(args.manifest)[0]
+        tags["manifest.digest"] = manifest.digest()
+        reviewed = manifest.reviewed_cases()  # where the labels of cases from review folders came from
+        tags["data.reviewed_cases"] = str(len(reviewed))
+        if reviewed:
+            artifacts[REVIEWED_CASES_ARTIFACT] = reviewed
     tracking = Tracking(
         uri=None if args.no_tracking else _tracking_uri(args), config=tracking_config,
-        artifact_root=args.artifact_root, tags=tags,
+        artifact_root=args.artifact_root, tags=tags, artifacts=artifacts,
     )
     from medseg.tracking import configure_client
     from medseg.walltime import job_stop_request
@@ -173,6 +181,8 @@ def cmd_review(args: argparse.Namespace) -> None:
     from medseg.errors import ConfigError
 
     config = _section(args, ReviewConfig, "review")
+    if (args.predictions or args.serve or args.log_mlflow) and args.output is None:
+        raise ConfigError("review: expected --output, the review folder, found none")
     if args.predictions:
         from medseg.stages.review import INDEX, review
 
@@ -181,19 +191,30 @@ def cmd_review(args: argparse.Namespace) -> None:
         s = result.summary
         print(f"review of {s['n_cases']} cases ({s['n_flagged']} flagged, {s['n_problems']} with problems) -> "
               f"{result.out_dir / INDEX}")
-    elif not (args.serve or args.log_mlflow):
-        raise ConfigError("review: expected --predictions (build the review folder), --serve (serve a built one) or "
-                          "--log-mlflow, found none of them")
+    elif not (args.serve or args.log_mlflow or args.add_reviewer):
+        raise ConfigError("review: expected --predictions (build the review folder), --serve (serve a built one), "
+                          "--add-reviewer or --log-mlflow, found none of them")
+    if args.add_reviewer:
+        from medseg.review import tokens
+
+        if args.tokens is None:
+            raise ConfigError("review --add-reviewer: expected --tokens FILE, the file to add the reviewer to")
+        token = tokens.add(args.tokens, args.add_reviewer)
+        print(f"reviewer {args.add_reviewer} added to {args.tokens}; their token (open the review with "
+              f"?token=<it> once): {token}")
     if args.log_mlflow:
         from medseg.stages.review import log_to_mlflow
 
         logged = log_to_mlflow(args.output, _tracking_uri(args))
         print(f"verdicts logged to {len(logged)} registered model version(s): {', '.join(logged) or 'none'}")
     if args.serve:
+        from medseg.review import tokens
         from medseg.review.server import address, make_server, serve
 
+        reviewers = tokens.load(args.tokens) if args.tokens is not None else None
         try:
-            server = make_server(args.output, config, host=args.host, port=args.port, reviewer=args.reviewer)
+            server = make_server(args.output, config, host=args.host, port=args.port, reviewer=args.reviewer,
+                                 tokens=reviewers)
         except OSError as err:
             raise ConfigError(f"review: could not listen on {args.host}:{args.port}: {err}") from None
         print(f"review at {address(server)} (Ctrl-C stops)", flush=True)
@@ -373,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
             "mask over the scan and a verdict form (--serve)")
     p.add_argument("--predictions", type=Path, nargs="+", help="prediction folders (medseg predict's output) to "
                    "build the review folder from")
-    p.add_argument("--output", type=Path, required=True, help="the review folder")
+    p.add_argument("--output", type=Path, help="the review folder")
     p.add_argument("--evaluation", type=Path, metavar="CSV", help="evaluate's metrics.csv: Dice per case and class")
     p.add_argument("--manifest", type=Path, help="an ingest manifest whose labels are drawn as reference outlines")
     p.add_argument("--scans", type=Path, help="the predict input, for prediction folders that do not record their "
@@ -382,8 +403,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "--predictions) until Ctrl-C")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8765, help="port (0: any free one)")
-    p.add_argument("--reviewer", default=os.environ.get("USER", ""), help="the name recorded with verdicts "
-                   "(default: $USER)")
+    p.add_argument("--reviewer", default=os.environ.get("USER", ""), help="without --tokens: the name recorded "
+                   "with verdicts (default: $USER)")
+    p.add_argument("--tokens", type=Path, default=os.environ.get("MEDSEG_REVIEW_TOKENS") or None,
+                   help="reviewers' tokens ('<name> <token>' per line; default $MEDSEG_REVIEW_TOKENS): every "
+                   "request needs one, and verdicts record its name; needed to serve on another address than "
+                   "127.0.0.1")
+    p.add_argument("--add-reviewer", metavar="NAME", help="add a reviewer with a new random token to --tokens "
+                   "and print the token")
     p.add_argument("--log-mlflow", action="store_true", help="tag each registered model version whose masks the "
                    "review holds with the counts of its verdicts (review.accept, review.fix, ...) and log "
                    "verdicts.csv to its run")

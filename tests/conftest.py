@@ -370,3 +370,28 @@ def tracking_server(services_root: Path):  # noqa: ANN201
         yield ts.start(folder)
     finally:
         ts.stop(folder)
+
+
+# Headless Chromium for the review page's browser tests: Debian's chromium driven by Playwright for Python
+# (its own browser download fails here). WebGL (NiiVue) runs on SwiftShader.
+CHROMIUM_ENV = "MEDSEG_CHROMIUM"
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
+                 "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--disable-dev-shm-usage"]
+ARTIFACTS = Path(os.environ.get("MEDSEG_TEST_ARTIFACTS", REPO / "test-artifacts"))
+
+
+@pytest.fixture(scope="session")
+def chromium():  # noqa: ANN201
+    """A headless Chromium (Playwright's Browser); fails when the browser or Playwright is missing."""
+    executable = os.environ.get(CHROMIUM_ENV, "/usr/bin/chromium")
+    if not Path(executable).is_file():
+        _need(executable, "chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("playwright not installed: pip install -e '.[test]' (make test does)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

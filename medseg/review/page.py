@@ -31,6 +31,12 @@ form button{font-size:15px;padding:6px 14px;margin-right:6px}code{background:#ee
 .swatch{display:inline-block;width:10px;height:10px;margin-right:3px}
 """
 
+VIEWER_STYLE = """
+#viewer-box{width:100%;max-width:1400px;height:440px;background:#000}#viewer{display:block}
+.tools button{font-size:13px;padding:3px 8px;margin:1px}.tools .active{outline:3px solid #2e86c1}
+.slider{display:inline-block;margin-right:18px}.slider input{width:180px;vertical-align:middle}
+"""
+
 FILTER_SCRIPT = """
 function show(kind){for(const r of document.querySelectorAll('tr[data-case]')){
  const hide=(kind==='flagged'&&r.dataset.flagged!=='1')||(kind==='open'&&!['open','outdated'].includes(r.dataset.status));
@@ -144,6 +150,26 @@ flagged ({flags}). Verdicts: {counts or 'none'}. Flagged cases and problems come
 """
 
 
+def _history_table(history: Sequence[Verdict]) -> str:
+    """Who said what on the case, when, and on which mask: newest first."""
+    if not history:
+        return '<p class="small" id="history">No verdict yet.</p>'
+    rows = []
+    for v in reversed(history):
+        mask = f"predicted {escape(v.mask_sha256[:10])}" if v.mask_sha256 else "-"
+        if v.correction:
+            mask = (f"correction {escape(v.correction_sha256[:10])} (from {escape(v.base_sha256[:10])})")
+        rows.append(f'<tr><td>{escape(v.time)}</td><td>{escape(v.reviewer) or "-"}</td>'
+                    f'<td class="{escape(v.verdict)}">{escape(v.verdict)}</td><td>{escape(v.note)}</td><td>{mask}</td></tr>')
+    return ('<table id="history"><thead><tr><th>time</th><th>reviewer</th><th>verdict</th><th>note</th>'
+            f"<th>mask</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def _data(payload: Mapping[str, Any]) -> str:
+    """JSON for a ``<script type="application/json">`` element (no ``</`` can close it early)."""
+    return json.dumps(payload).replace("</", "<\\/")
+
+
 def case_page(
     entry: Mapping[str, Any],
     state: str,
@@ -155,26 +181,38 @@ def case_page(
     following: str | None,
     slices: Mapping[str, int],
     reviewer: str,
+    reviewer_fixed: bool = False,
+    history: Sequence[Verdict] = (),
+    shown_sha256: str = "",
+    correction: Verdict | None = None,
+    alpha: float = 0.4,
 ) -> str:
-    """One case: its three views with a slider each, the layers to draw, and the verdict form."""
+    """One case: the viewer (three views with a slider each, layers, the correction tools), its
+    history and the verdict form. The viewer is NiiVue, driven by ``static/review.js``."""
     case_id = entry["case_id"]
     quoted = quote(case_id, safe="")
     layers = ["mask"] + [name for name, key in (("reference", "reference"), ("uncertainty", "uncertainty_map"))
                          if entry.get(key)]
+    judged = bool(slices) and not entry.get("problem")
+    labels = {str(k): str(n) for k, n in (entry.get("labels") or {}).items()}
+    if judged:
+        layers.append("saliency")
     start = {view: entry.get("shown", {}).get(view, slices[view] // 2) for view in slices}
-    views = []
-    for view in [v for v in ("axial", "coronal", "sagittal") if v in slices]:
-        views.append(
-            f'<div class="view"><div>{view} <span id="n-{view}">{start[view]}</span> / {slices[view] - 1}</div>'
-            f'<img id="img-{view}" alt="{view}"><input type="range" min="0" max="{slices[view] - 1}" '
-            f'value="{start[view]}" id="s-{view}" style="width:100%" oninput="draw(\'{view}\')"></div>'
-        )
-    boxes = " ".join(
-        f'<label><input type="checkbox" id="layer-{name}" {"checked" if name != "uncertainty" else ""} '
-        f'onchange="drawAll()"> {name}</label>' for name in layers
+    sliders = "".join(
+        f'<label class="slider">{view} <span id="n-{view}">{start[view]}</span> / {slices[view] - 1}'
+        f'<input type="range" min="0" max="{slices[view] - 1}" value="{start[view]}" id="s-{view}"></label>'
+        for view in ("axial", "coronal", "sagittal") if view in slices
     )
-    legend = " ".join(f'<span class="swatch" style="background:rgb{label_colour(int(k))}"></span>{escape(str(name))}'
-                      for k, name in entry.get("labels", {}).items())
+    boxes = " ".join(
+        f'<label><input type="checkbox" id="layer-{name}" {"checked" if name in ("mask", "reference") else ""}> '
+        f"{name}</label>" for name in layers
+    )
+    legend = " ".join(f'<span class="swatch" style="background:rgb{label_colour(int(k))}"></span>{escape(name)}'
+                      for k, name in labels.items())
+    pens = "".join(f'<button type="button" class="tool" data-pen="{escape(k)}" id="pen-{escape(k)}">'
+                   f'<span class="swatch" style="background:rgb{label_colour(int(k))}"></span>paint {escape(name)}'
+                   "</button>" for k, name in labels.items())
+    saliency_labels = "".join(f'<option value="{escape(k)}">{escape(name)}</option>' for k, name in labels.items())
     metrics = entry.get("metrics") or {}
     scores = ""
     if metrics:
@@ -182,11 +220,6 @@ def case_page(
             f"{escape(name)} Dice {_number(v)}, HD95 {_number(metrics.get('hd95_mm', {}).get(name), 2)} mm"
             for name, v in metrics.get("dice", {}).items()) + "</p>"
     scan = entry.get("scan") or []
-    viewer = ""
-    if scan and entry.get("scan_kind") == "nifti" and entry.get("mask"):
-        viewer = (f'<p class="small">To correct it: <code>itksnap -g {escape(scan[0])} -s {escape(entry["mask"])}'
-                  "</code></p>")
-    judged = bool(slices) and not entry.get("problem")
     buttons = "".join(f'<button name="verdict" value="{c}" accesskey="{c[0]}">{c} ({c[0]})</button>' for c in CHOICES)
     nav = " ".join(filter(None, [
         f'<a id="prev" href="/case/{quote(previous, safe="")}">previous (p)</a>' if previous else "",
@@ -195,41 +228,49 @@ def case_page(
     ]))
     recorded = ""
     if verdict is not None:
-        recorded = (f'<p>Recorded: <span class="{escape(state)}">{escape(state)}</span> by {escape(verdict.reviewer) or "-"}'
-                    f" at {escape(verdict.time)}{': ' + escape(verdict.note) if verdict.note else ''}"
+        recorded = (f'<p id="recorded">Recorded: <span class="{escape(state)}">{escape(state)}</span> by '
+                    f"{escape(verdict.reviewer) or '-'} at {escape(verdict.time)}"
+                    f"{': ' + escape(verdict.note) if verdict.note else ''}"
                     f"{' (on an earlier mask)' if state == 'outdated' else ''}</p>")
-    form = f"""<form method="post" action="/case/{quoted}/verdict">
+    shown = ("the predicted mask" if correction is None else
+             f"the correction by {escape(correction.reviewer) or '-'} at {escape(correction.time)}")
+    who = (f'Reviewer <b id="reviewer">{escape(reviewer)}</b>' if reviewer_fixed else
+           f'<label>Reviewer <input name="reviewer" value="{escape(reviewer)}" size="16"></label>')
+    form = f"""<form method="post" action="/case/{quoted}/verdict" id="verdict-form">
 <p>{buttons}</p>
-<p><label>Note <input name="note" size="60" maxlength="2000"></label>
-<label>Reviewer <input name="reviewer" value="{escape(reviewer)}" size="16"></label></p>
+<p><label>Note <input name="note" id="note" size="60" maxlength="2000"></label> {who}</p>
 </form>"""
-    script = f"""
-const CASE={json.dumps(quoted)};
-function layers(){{return [...document.querySelectorAll('input[id^=layer-]')].filter(b=>b.checked)
- .map(b=>b.id.slice(6)).join(',');}}
-function draw(view){{const i=document.getElementById('s-'+view).value;document.getElementById('n-'+view).textContent=i;
- document.getElementById('img-'+view).src='/slice/'+CASE+'/'+view+'/'+i+'.png?layers='+layers();}}
-function drawAll(){{for(const v of ['axial','coronal','sagittal'])draw(v);}}
-document.addEventListener('keydown',e=>{{if(['INPUT','TEXTAREA'].includes(e.target.tagName)&&e.target.type!=='range')return;
- const go=id=>{{const a=document.getElementById(id);if(a)location=a.href;}};
- if(e.key==='n')go('next');else if(e.key==='p')go('prev');
- else if('afr'.includes(e.key)&&e.key.length===1){{const b=document.querySelector('button[accesskey='+e.key+']');if(b)b.click();}}}});
-window.onload=drawAll;
-"""
+    tools = f"""<div class="tools">
+<p>Layers: {boxes} &nbsp; {legend}
+<span id="saliency-controls" hidden>for <select id="saliency-label">{saliency_labels}</select></span></p>
+<p>{sliders}</p>
+<p><button type="button" class="tool active" data-pen="" id="navigate">navigate</button>{pens}
+<button type="button" class="tool" data-pen="0" id="pen-erase">erase</button>
+<label>brush <input type="range" id="brush" min="1" max="15" value="1"> <span id="brush-n">1</span></label>
+<label><input type="checkbox" id="fill"> fill the outline</label>
+<button type="button" id="undo">undo</button> <button type="button" id="redo">redo</button>
+<button type="button" id="save">save correction</button> <span id="status" class="small"></span></p>
+</div>
+<div id="viewer-box"><canvas id="viewer"></canvas></div>
+<p class="small">Showing {shown}.</p>"""
+    data = {"case": case_id, "quoted": quoted, "shown_sha256": shown_sha256, "alpha": alpha, "start": start,
+            "layers": layers, "labels": labels}
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>{escape(case_id)} - medseg review</title><style>{STYLE}</style>
-<script>{script}</script></head><body>
+<html><head><meta charset="utf-8"><title>{escape(case_id)} - medseg review</title><style>{STYLE}{VIEWER_STYLE}</style>
+<script id="case-data" type="application/json">{_data(data)}</script>
+<script src="/static/niivue/niivue.umd.js"></script><script src="/static/review.js" defer></script></head><body>
 <p>{nav} <span class="small">case {position} of {total}</span></p>
 <h1>{escape(case_id)} {_badges(entry)}</h1>
 <p>{_reasons(entry) or 'No QC flag.'}</p>
 <p>Uncertainty {_number(entry.get('uncertainty'))}; volumes: {', '.join(f'{escape(k)} {v:.2f} mL' for k, v in entry.get('volumes_ml', {}).items()) or '-'}</p>
 {scores}
-<p>Layers: {boxes} &nbsp; {legend} {'<span class="swatch" style="background:rgb(255,225,25)"></span>reference outline' if 'reference' in layers else ''}</p>
-<div class="views">{''.join(views)}</div>
+{tools if judged else ''}
 {recorded}
 {form if judged else '<p>Nothing to judge: the case has no mask to show.</p>'}
-<p class="small">Keys: a accept, f fix, r reject, n next, p previous. Scan: {escape(', '.join(scan[:1]) or '-')}
-{'(+' + str(len(scan) - 1) + ' files)' if len(scan) > 1 else ''}; mask: {escape(entry.get('mask') or '-')}</p>
-{viewer}
+<h2>History</h2>
+{_history_table(history)}
+<p class="small">Keys: a accept, f fix, r reject, n next, p previous, Ctrl+Z undo, Ctrl+Y redo. Scan:
+{escape(', '.join(scan[:1]) or '-')} {'(+' + str(len(scan) - 1) + ' files)' if len(scan) > 1 else ''}; mask:
+{escape(entry.get('mask') or '-')}</p>
 </body></html>
 """

@@ -30,64 +30,34 @@ them, and a verdict on a mask that has since changed counts as outdated.
 from __future__ import annotations
 
 import csv
-import functools
 import logging
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 from medseg.config import ReviewConfig
 from medseg.errors import DataError
-from medseg.io import atomic_path, is_nifti, load_nifti, read_json, sha256, write_json
+from medseg.io import atomic_path, read_json, write_json
 from medseg.qc import FAILED_DIR, QC_DIR
 from medseg.review import page, render, verdicts
+from medseg.review.cases import load_entry, scan_image, states, status, summarize
+from medseg.review.folder import INDEX, PICTURES, QUEUE, SUMMARY, load_queue, mask_digest
 
 log = logging.getLogger(__name__)
 
-QUEUE = "queue.json"
-SUMMARY = "review.json"
-INDEX = "index.html"
-PICTURES = "cases"
-
+# Re-exported: the stage's readers of its own folder live below it, in medseg.review.
+__all__ = ["INDEX", "PICTURES", "QUEUE", "SUMMARY", "ReviewResult", "load_entry", "load_queue", "log_to_mlflow",
+           "mask_digest", "review", "scan_image", "states", "status", "summarize"]
 
 @dataclass(frozen=True)
 class ReviewResult:
     out_dir: Path
     entries: list[dict[str, Any]]
     summary: dict[str, Any]
-
-
-@functools.lru_cache(maxsize=4096)
-def _digest(path: str, mtime_ns: int, size: int) -> str:  # the stat fields key the cache to the file's version
-    return sha256(Path(path))
-
-
-def mask_digest(path: Path | str | None) -> str:
-    """The SHA-256 of a mask file ('' when there is none), remembered while the file is unchanged."""
-    if not path or not Path(path).is_file():
-        return ""
-    stat = os.stat(path)
-    return _digest(str(path), stat.st_mtime_ns, stat.st_size)
-
-
-def status(entry: dict[str, Any], verdict: verdicts.Verdict | None) -> str:
-    """``open`` (no verdict), ``outdated`` (on a mask since replaced) or the verdict."""
-    if verdict is None:
-        return "open"
-    if verdict.mask_sha256 != mask_digest(entry.get("mask")):
-        return "outdated"
-    return verdict.verdict
-
-
-def states(queue: Sequence[dict[str, Any]], current: dict[str, verdicts.Verdict]) -> dict[str, str]:
-    """The ``status`` of every case of the queue."""
-    return {e["case_id"]: status(e, current.get(e["case_id"])) for e in queue}
 
 
 def _order(entry: dict[str, Any]) -> tuple:
@@ -170,80 +140,6 @@ def _scans_from_input(scans: Path) -> dict[str, dict[str, Any]]:
     return {c.case_id: scan_record(c) for c in cases_from_input(scans)}
 
 
-def scan_image(entry: dict[str, Any]) -> tuple[nib.Nifti1Image, str]:
-    """The scan of a queue entry as an image (DICOM series are read), and its name for messages."""
-    paths = [Path(p) for p in entry["scan"]]
-    if not paths:
-        raise DataError(f"case {entry['case_id']}: no scan is recorded for it in {entry['prediction_dir']}/{QC_DIR}; "
-                        "give the predict input (--scans)")
-    missing = [p for p in paths if not p.exists()]
-    if missing:
-        raise DataError(f"case {entry['case_id']}: expected its scan at {missing[0]}, found nothing there")
-    if entry["scan_kind"] == "dicom":
-        from medseg.dicom import read_series
-
-        volume = read_series(paths)
-        data = volume.data if volume.data.ndim == 3 else volume.data[..., 0]
-        return nib.Nifti1Image(np.asarray(data), volume.affine), str(paths[0].parent)
-    if not is_nifti(paths[0]):
-        raise DataError(f"case {entry['case_id']}: expected a NIfTI scan, found {paths[0]}")
-    return load_nifti(paths[0]), str(paths[0])
-
-
-def load_entry(entry: dict[str, Any], config: ReviewConfig) -> render.CaseImages:
-    """The pictures' data of a queue entry: its scan, mask, reference and uncertainty map."""
-    scan, name = scan_image(entry)
-    return render.load_case(
-        scan, name, Path(entry["mask"]),
-        reference_path=Path(entry["reference"]) if entry.get("reference") else None,
-        uncertainty_path=Path(entry["uncertainty_map"]) if entry.get("uncertainty_map") else None,
-        window=tuple(config.window) if config.window else None,  # type: ignore[arg-type]
-    )
-
-
-def summarize(entries: Sequence[dict[str, Any]], current: dict[str, verdicts.Verdict]) -> dict[str, Any]:
-    flags: dict[str, int] = {}
-    for entry in entries:
-        for flag in entry["flags"]:
-            flags[flag] = flags.get(flag, 0) + 1
-    counts: dict[str, int] = {}
-    for state in states(entries, current).values():
-        counts[state] = counts.get(state, 0) + 1
-    summary: dict[str, Any] = {
-        "n_cases": len(entries),
-        "n_problems": sum(1 for e in entries if e["problem"]),
-        "n_flagged": sum(1 for e in entries if e["flags"]),
-        "flags": dict(sorted(flags.items())),
-        "verdicts": dict(sorted(counts.items())),
-    }
-    scored = [e for e in entries if e.get("metrics") and e["metrics"].get("mean_dice") is not None]
-    if scored:
-        def group(members: list[dict[str, Any]]) -> dict[str, Any]:
-            values = [e["metrics"]["mean_dice"] for e in members]
-            return {"n": len(values), "mean_dice": float(np.mean(values)) if values else None}
-
-        summary["dice"] = {
-            "flagged": group([e for e in scored if e["flags"]]),
-            "not_flagged": group([e for e in scored if not e["flags"]]),
-            "by_flag": {f: group([e for e in scored if f in e["flags"]]) for f in sorted(flags)},
-            # does the queue put the worse masks first? (entries come in queue order)
-            "queue_first_quarter": group(scored[: math.ceil(len(scored) / 4)]),
-            "queue_rest": group(scored[math.ceil(len(scored) / 4) :]),
-            "uncertainty_spearman": _spearman([e for e in scored if e["uncertainty"] is not None]),
-        }
-    return summary
-
-
-def _spearman(entries: Sequence[dict[str, Any]]) -> float | None:
-    """Spearman's rank correlation of the uncertainty score with the mean Dice (None under 3 cases)."""
-    if len(entries) < 3:
-        return None
-    from scipy.stats import spearmanr
-
-    rho = spearmanr([e["uncertainty"] for e in entries], [e["metrics"]["mean_dice"] for e in entries]).statistic
-    return float(rho) if math.isfinite(rho) else None
-
-
 def review(
     prediction_dirs: Sequence[Path],
     out_dir: Path,
@@ -305,17 +201,6 @@ def review(
     log.info("review of %d cases (%d flagged, %d with problems) -> %s", summary["n_cases"], summary["n_flagged"],
              summary["n_problems"], out_dir / INDEX)
     return ReviewResult(out_dir, queue, summary)
-
-
-def load_queue(review_dir: Path) -> list[dict[str, Any]]:
-    """The queue a build wrote into ``review_dir``."""
-    path = Path(review_dir) / QUEUE
-    if not path.is_file():
-        raise DataError(f"{review_dir}: expected a review folder built by medseg review ({QUEUE}), found none")
-    data = read_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("cases"), list):
-        raise DataError(f"{path}: expected {{'cases': [...]}}, found another structure")
-    return data["cases"]
 
 
 STATES = (*verdicts.CHOICES, "open", "outdated")

@@ -10,6 +10,7 @@ import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode
 
 import nibabel as nib
@@ -174,7 +175,7 @@ def server(built: Path) -> Iterator[tuple[str, int]]:
 
 
 def _request(address: tuple[str, int], method: str, path: str, form: dict | None = None,
-             headers: dict | None = None) -> tuple[int, dict[str, str], bytes]:
+             headers: dict | None = None) -> tuple[int, Any, bytes]:
     conn = http.client.HTTPConnection(*address, timeout=30)
     body = urlencode(form).encode() if form is not None else None
     conn.request(method, path, body=body, headers={"Content-Type": "application/x-www-form-urlencoded",
@@ -182,7 +183,7 @@ def _request(address: tuple[str, int], method: str, path: str, form: dict | None
     response = conn.getresponse()
     data = response.read()
     conn.close()
-    return response.status, dict(response.getheaders()), data
+    return response.status, response.headers, data
 
 
 def test_server_pages_and_slices(server: tuple[str, int], built: Path) -> None:
@@ -250,7 +251,8 @@ def test_command_builds_and_refuses_nothing_to_do(tmp_path: Path, capsys: pytest
     assert f"review of 6 cases (2 flagged, 2 with problems) -> {out / 'index.html'}" in capsys.readouterr().out
     assert (out / "queue.json").is_file()
     assert main(["review", "--output", str(out)]) == 2
-    assert "expected --predictions (build the review folder), --serve (serve a built one) or --log-mlflow" in \
+    assert "expected --predictions (build the review folder), --serve (serve a built one), --add-reviewer or " \
+           "--log-mlflow" in \
         capsys.readouterr().err
     assert main(["review", "--output", str(tmp_path / "unbuilt"), "--serve", "--port", "0"]) == 2
     assert "expected a review folder built by medseg review (queue.json)" in capsys.readouterr().err
