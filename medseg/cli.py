@@ -214,7 +214,7 @@ def cmd_review(args: argparse.Namespace) -> None:
         reviewers = tokens.load(args.tokens) if args.tokens is not None else None
         try:
             server = make_server(args.output, config, host=args.host, port=args.port, reviewer=args.reviewer,
-                                 tokens=reviewers)
+                                 tokens=reviewers, tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
         except OSError as err:
             raise ConfigError(f"review: could not listen on {args.host}:{args.port}: {err}") from None
         print(f"review at {address(server)} (Ctrl-C stops)", flush=True)

@@ -68,8 +68,9 @@ class ReviewApp:
     """What the server shows: a built review folder, its queue and its verdicts."""
 
     def __init__(self, review_dir: Path, config: ReviewConfig | None = None, *, reviewer: str = "",
-                 cache_cases: int = 2) -> None:
+                 cache_cases: int = 2, tracking_uri: str | None = None) -> None:
         self.dir = Path(review_dir)
+        self.tracking_uri = tracking_uri
         self.config = config or ReviewConfig()
         self.reviewer = reviewer
         self.queue = load_queue(self.dir)
@@ -222,7 +223,7 @@ class ReviewApp:
         from medseg.review.saliency import saliency_volume
 
         entry = self._judgeable(case_id)
-        return saliency_volume(self.dir, entry, label=label, view=view, index=index)
+        return saliency_volume(self.dir, entry, label=label, view=view, index=index, tracking_uri=self.tracking_uri)
 
 
 # -- the web application ---------------------------------------------------------------------------
@@ -254,7 +255,7 @@ def _reviewer_of(token: str, tokens: Mapping[str, str]) -> str | None:
 
 
 def make_app(review_dir: Path, config: ReviewConfig | None = None, *, reviewer: str = "",
-             tokens: Mapping[str, str] | None = None) -> Any:
+             tokens: Mapping[str, str] | None = None, tracking_uri: str | None = None) -> Any:
     """The review folder ``review_dir`` as an ASGI application."""
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
@@ -264,7 +265,7 @@ def make_app(review_dir: Path, config: ReviewConfig | None = None, *, reviewer: 
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
 
-    review = ReviewApp(review_dir, config, reviewer=reviewer)
+    review = ReviewApp(review_dir, config, reviewer=reviewer, tracking_uri=tracking_uri)
     tokens = dict(tokens or {})
     no_store = {"Cache-Control": "no-store"}
 
@@ -499,13 +500,15 @@ class ReviewServer:
 
 
 def make_server(review_dir: Path, config: ReviewConfig | None = None, *, host: str = "127.0.0.1", port: int = 8765,
-                reviewer: str = "", tokens: Mapping[str, str] | None = None) -> ReviewServer:
+                reviewer: str = "", tokens: Mapping[str, str] | None = None,
+                tracking_uri: str | None = None) -> ReviewServer:
     """A server of the review folder ``review_dir`` (not yet serving); port 0 picks a free port.
     Without ``tokens`` (reviewer name -> token) it only listens on loopback."""
     if not tokens and not is_loopback(host):
         raise ConfigError(f"review: serving on {host} needs reviewers' tokens (--tokens FILE; medseg review "
                           "--add-reviewer NAME --tokens FILE makes one); without them only 127.0.0.1 is served")
-    return ReviewServer(make_app(review_dir, config, reviewer=reviewer, tokens=tokens), host, port)
+    return ReviewServer(make_app(review_dir, config, reviewer=reviewer, tokens=tokens, tracking_uri=tracking_uri),
+                        host, port)
 
 
 def address(server: ReviewServer) -> str:

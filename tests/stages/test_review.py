@@ -347,3 +347,35 @@ def test_verdicts_are_logged_to_the_registered_model_versions(tmp_path: Path, ca
     }
     assert tags["review.folder"] == str(out.resolve())
     assert [a.path for a in client.list_artifacts(run.info.run_id, "review")] == ["review/verdicts.csv"]
+
+
+def test_review_saliency_of_a_real_model_on_the_viewed_slice(box_model: Path, tmp_path: Path) -> None:
+    """The saliency layer: the box model's gradient map of a class on one slice, on the scan's grid, cached."""
+    from medseg.review import saliency
+    from medseg.review.server import make_server
+    from medseg.stages.predict import predict
+
+    image, _ = boxes(np.random.default_rng(11))
+    write_nifti(tmp_path / "new" / "case.nii.gz", image)
+    predict(tmp_path / "new", tmp_path / "pred", [str(box_model)])
+    review([tmp_path / "pred"], tmp_path / "review")
+    srv = make_server(tmp_path / "review", port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        status, _, body = _request(srv.server_address, "GET", "/saliency/case.nii.gz?label=1&view=axial&index=16")
+        assert status == 200
+        values = np.asarray(nib.Nifti1Image.from_bytes(__import__("gzip").decompress(body)).dataobj)
+        assert values.shape == SHAPE and np.isfinite(values).all() and values.max() == 1.0 and values.min() >= 0
+        # the window is centred on the slice: the map reaches slices near it, not the far end of the scan
+        per_slice = values.sum(axis=(0, 1))
+        assert per_slice[16] > 0 and per_slice[14:19].sum() > per_slice[:3].sum()
+        (cached,) = (tmp_path / "review" / saliency.FOLDER).glob("*.nii.gz")
+        assert cached.read_bytes() == body
+        assert _request(srv.server_address, "GET", "/saliency/case.nii.gz?label=1&view=axial&index=16")[2] == body
+        status, _, body = _request(srv.server_address, "GET", "/saliency/case.nii.gz?label=9&view=axial&index=1")
+        assert status == 400 and b"expected a class from 1 to" in body
+        status, _, body = _request(srv.server_address, "GET", "/saliency/case.nii.gz?label=1&view=up&index=1")
+        assert status == 400 and b"expected /saliency/" in body
+    finally:
+        srv.shutdown()
+        srv.server_close()

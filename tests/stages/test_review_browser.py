@@ -45,11 +45,12 @@ def _case(shared_data: Path, root: Path, case: str, source: str, uncertainty: fl
 
 
 @pytest.fixture
-def site(shared_data: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+def site(shared_data: Path, box_model: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     from medseg.review.server import make_server
 
     _case(shared_data, tmp_path, "first", "hippocampus_001", 0.4)
     _case(shared_data, tmp_path, "second", "hippocampus_004", 0.1)
+    (tmp_path / "pred" / "predict.json").write_text(json.dumps({"models": [{"model": str(box_model)}]}))
     folder = tmp_path / "review"
     review([tmp_path / "pred"], folder)
     server = make_server(folder, port=0, tokens=TOKENS)
@@ -190,6 +191,52 @@ def test_browser_review_paints_saves_and_two_reviewers_see_each_other(chromium, 
     _shot(page, "3-case-after-two-reviewers")
     assert [(v.reviewer, v.verdict) for v in verdicts.history(folder)] == [("ann", "fix"), ("ann", "fix"),
                                                                            ("bob", "accept")]
+
+    # the saliency layer: computed for the viewed slice, drawn over it
+    plain = _canvas(page)
+    page.locator("#layer-saliency").check()
+    page.wait_for_function("window.medseg.overlays.saliency !== undefined", timeout=60_000)
+    assert _canvas(page) != plain and list((folder / "saliency").glob("*.nii.gz"))
+    page.locator("#layer-saliency").uncheck()
+
+    # the tools: a brush stroke, undone and redone; an outline, drawn open and then filled
+    count = "window.medseg.nv.drawBitmap.reduce((n, v) => n + (v > 0), 0)"
+    tile = page.evaluate("""() => { const nv = window.medseg.nv;
+        const t = nv.screenSlices.find(s => s.axCorSag === 0);
+        return t.leftTopWidthHeight.map(v => v / nv.uiData.dpr); }""")
+    at = lambda fx, fy: (box["x"] + tile[0] + fx * tile[2], box["y"] + tile[1] + fy * tile[3])  # noqa: E731
+
+    def stroke(*points: tuple[float, float]) -> None:
+        page.mouse.move(*at(*points[0]))
+        page.mouse.down()
+        for point in points[1:]:
+            page.mouse.move(*at(*point), steps=15)
+        page.mouse.up()
+
+    original = page.evaluate(count)
+    page.locator("#pen-1").click()
+    page.locator("#brush").fill("3")
+    stroke((0.1, 0.15), (0.9, 0.15))
+    painted = page.evaluate(count)
+    assert painted > original
+    page.locator("#undo").click()
+    assert page.evaluate(count) == original
+    page.locator("#redo").click()
+    assert page.evaluate(count) == painted
+    page.locator("#undo").click()
+    page.locator("#brush").fill("1")
+    triangle = [(0.2, 0.7), (0.8, 0.7), (0.5, 0.95), (0.2, 0.7)]
+    stroke(*triangle)
+    outline = page.evaluate(count) - original
+    page.locator("#undo").click()
+    page.locator("#fill").check()
+    stroke(*triangle)
+    filled = page.evaluate(count) - original
+    assert outline > 0 and filled > 2 * outline, (outline, filled)
+    page.locator("#pen-erase").click()
+    page.locator("#brush").fill("15")
+    stroke((0.05, 0.5), (0.95, 0.5))
+    assert page.evaluate(count) < original + filled
 
     # without a token: 401 and no image
     stranger = chromium.new_context()
