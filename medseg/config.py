@@ -60,6 +60,13 @@ class IngestConfig(StrictModel):
         default="derived",
         description="DICOM: case ids derived from the series (default), or prefixed with the PatientID when asked.",
     )
+    reviewed: list[str] = Field(
+        default_factory=list,
+        description="Review folders (medseg review) whose accepted and corrected masks become training cases: a "
+        "case counts when its current verdict judged the mask shown now, accept (the mask the reviewer saw: the "
+        "latest correction, else the predicted mask) or fix with a correction. Their scans and labels are "
+        "ingested like the dataset's, and the manifest records each label's provenance.",
+    )
 
 
 class PlanConfig(StrictModel):

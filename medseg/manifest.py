@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -34,6 +35,20 @@ class IntensityStats(_Model):
     foreground_std: float | None = None
 
 
+class LabelProvenance(_Model):
+    """Where a reviewed case's label came from (``ingest.reviewed``): a predicted mask a reviewer
+    accepted, or a reviewer's correction of one. Cases of the dataset itself have none."""
+
+    origin: Literal["accepted", "corrected"]
+    review_dir: str
+    reviewer: str  # of the verdict that accepted or fixed the mask
+    reviewed_at: str  # ISO 8601, UTC
+    corrected_by: str = ""  # who saved the correction ('' for an accepted predicted mask)
+    corrected_at: str = ""
+    predicted_by: list[str] = []  # the models that predicted the mask
+    label_sha256: str  # of the reviewed mask file the label was made from
+
+
 class CaseRecord(_Model):
     case_id: str
     image: str
@@ -46,6 +61,7 @@ class CaseRecord(_Model):
     affine: list[list[float]]
     intensity: list[IntensityStats]
     label_voxels: dict[int, int] | None = None
+    provenance: LabelProvenance | None = None  # set for cases from a review folder only
 
 
 class FailedCase(_Model):
@@ -74,6 +90,11 @@ class Manifest(_Model):
     @property
     def foreground_labels(self) -> list[int]:
         return sorted(k for k in (self.labels or {}) if k != 0)
+
+    def reviewed_cases(self) -> list[dict[str, Any]]:
+        """The training cases whose labels came from a review, each with its provenance."""
+        return [{"case_id": c.case_id, **c.provenance.model_dump(mode="json")}
+                for c in self.cases if c.provenance is not None]
 
     def case(self, case_id: str) -> CaseRecord:
         for record in self.cases + self.test_cases:

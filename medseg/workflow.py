@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,18 @@ def full_config(config: dict[str, Any]) -> dict[str, Any]:
 def section_arg(config: dict[str, Any], name: str) -> str:
     """A config section as a shell-quoted JSON argument (also what Snakemake compares for reruns)."""
     return shlex.quote(json.dumps(config[name], sort_keys=True))
+
+
+def reviewed_inputs(config: dict[str, Any]) -> list[str]:
+    """The files of each review folder in ``ingest.reviewed`` whose change reruns ingest (and what
+    follows): ``queue.json`` (the folder rebuilt on new masks) and ``verdicts.csv`` (rewritten after
+    every verdict; absent until the first)."""
+    files = []
+    for folder in config["ingest"]["reviewed"]:
+        files.append(os.path.join(folder, "queue.json"))
+        if os.path.exists(os.path.join(folder, "verdicts.csv")):
+            files.append(os.path.join(folder, "verdicts.csv"))
+    return files
 
 
 def configuration_configs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:

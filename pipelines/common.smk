@@ -8,6 +8,7 @@ from medseg.workflow import (
     configuration_section,
     full_config,
     own_preprocessing,
+    reviewed_inputs,
     section_arg,
     train_gpus,
     train_launcher,

@@ -1,7 +1,11 @@
 # A DICOM root is read with {threads} files at once; other inputs one case at a time.
+# ingest.reviewed: review folders whose accepted and corrected masks join the training cases; their
+# queue.json and verdicts.csv are inputs, so a new verdict (or a rebuilt review) reruns ingest and
+# what follows. A review folder must be another run's (this run's own review depends on ingest).
 rule ingest:
     input:
-        DATASET,
+        dataset=DATASET,
+        reviewed=reviewed_inputs(CFG),
     output:
         manifest=f"{RESULTS}/ingest/manifest.json",
     params:
@@ -11,4 +15,4 @@ rule ingest:
     log:
         f"{RESULTS}/logs/ingest/ingest.log",
     shell:
-        "medseg ingest --input {input} --output {params.out} --params {params.cfg} --workers {threads} > {log} 2>&1"
+        "medseg ingest --input {input.dataset} --output {params.out} --params {params.cfg} --workers {threads} > {log} 2>&1"

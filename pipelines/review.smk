@@ -1,8 +1,9 @@
 # review: the masks queued for a person to check, flagged cases first (medseg review), with a picture
 # of each case. The job builds the folder; a person then serves it and records verdicts:
 #   medseg review --output <results>/review --serve
-# The outputs are the page and the queue only, so the verdicts in the same folder (verdicts.csv) are
-# not Snakemake's to remove: a rerun keeps them, and marks those on masks that changed as outdated.
+# The outputs are the page and the queue only, so the reviewers' work in the same folder (review.sqlite,
+# its export verdicts.csv, corrections/) is not Snakemake's to remove: a rerun keeps it, and marks the
+# verdicts on masks that changed as outdated.
 REVIEW_SHELL = (
     "medseg review --predictions {params.predictions} --output {params.out} {params.extra} --params {params.cfg} "
     "> {log} 2>&1"

@@ -21,7 +21,8 @@ Routes:
 - ``GET /saliency/<case>.nii.gz?label=<k>&view=<view>&index=<i>``: what drives the network's
   prediction of class ``k`` on that slice (``medseg.review.saliency``), computed on request and
   cached;
-- ``GET /case/<case>/history.json``: every verdict and correction of the case;
+- ``GET /case/<case>/history.json``: every verdict and correction of the case, and the SHA-256 of the
+  mask it shows (``shown_sha256``: what a correction starts from);
 - ``GET /slice/<case>/<view>/<index>.png?layers=mask,reference,uncertainty``: one slice as a
   picture (drawn on the server); ``GET /picture/<case>.png``: the build's overview picture;
 - ``GET /verdicts.csv``: every verdict recorded;
@@ -320,8 +321,9 @@ def make_app(review_dir: Path, config: ReviewConfig | None = None, *, reviewer: 
         from dataclasses import asdict
 
         case_id = case_of(request)
-        return JSONResponse({"case_id": case_id, "history": [asdict(v) for v in verdicts.history(review.dir, case_id)]},
-                            headers=no_store)
+        shown = review.shown(case_id)[1] if not review.by_id[case_id].get("problem") else ""
+        return JSONResponse({"case_id": case_id, "shown_sha256": shown,
+                             "history": [asdict(v) for v in verdicts.history(review.dir, case_id)]}, headers=no_store)
 
     def volume(request: Request) -> Response:
         case_id = case_of(request)

@@ -11,6 +11,9 @@ A DICOM folder of any structure is read by ``medseg.dicom``: every series is one
 NIfTI keeps the series' own data type, 4D for time series), with a de-identified JSON
 sidecar ``images/<case>.json``; DICOM-SEG and RTSTRUCT objects become the labels of the
 series they reference; ``report.json`` lists refused series and ignored files.
+
+With ``ingest.reviewed``, the accepted and corrected masks of review folders join the training
+cases, each with its label's provenance in the manifest (``medseg.stages.ingest_reviewed``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from medseg.manifest import (
     save_manifest,
 )
 from medseg.sources import CaseSource, discover, is_dicom_root
+from medseg.stages.ingest_reviewed import add_reviewed, read_reviewed, review_labels
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +57,16 @@ class _Volume:
     path: Path
 
 
-def _load_image(case: CaseSource) -> _Volume:
-    if case.kind == "dicom":
+def _load_image(case: CaseSource, config: IngestConfig) -> _Volume:
+    if case.kind == "dicom":  # a series folder of a case sheet, or the files of one series
         from medseg.dicom import read_series
 
-        volume, affine = read_series(case.images[0])
-        return _Volume(volume[..., None].astype(np.float32), affine, case.images[0])
+        one_folder = len(case.images) == 1 and case.images[0].is_dir()
+        series = read_series(case.images[0] if one_folder else list(case.images),
+                             tolerance_mm=config.slice_tolerance_mm, min_slices=config.min_slices,
+                             resample_tilt=config.resample_tilt)
+        data = series.data if series.data.ndim == 4 else series.data[..., None]
+        return _Volume(data.astype(np.float32), series.affine, case.images[0])
     channels = []
     affine = None
     for path in case.images:
@@ -171,7 +179,7 @@ def ingest_case(
     for path in case.images + ((case.label,) if case.label else ()):
         if not path.exists():
             raise DataError(f"file not found: {path}")
-    image = _load_image(case)
+    image = _load_image(case, config)
     _check_finite(image)
     label = _load_label(case.label, image, labels, config.affine_tolerance_mm) if case.label else None
     files = [p for p in case.images if p.is_file()] + ([case.label] if case.label else [])
@@ -237,6 +245,9 @@ def ingest(source: Path, out_dir: Path, config: IngestConfig | None = None, *, w
     labels = config.labels if config.labels is not None else found.labels
     if labels is None and any(c.label for c in found.cases):
         raise DataError(f"{source}: its cases have labels but no label names are declared; set ingest.labels")
+    reviewed, review_failed = read_reviewed(config.reviewed)
+    if labels is None:
+        labels = review_labels(reviewed)
     if labels is not None and 0 not in labels:
         labels = {0: "background", **labels}
     modality = config.modality or found.modality or "MR"
@@ -249,6 +260,11 @@ def ingest(source: Path, out_dir: Path, config: IngestConfig | None = None, *, w
                 target.append(ingest_case(case, out_dir, labels, config))
             except DataError as err:
                 failed.append(_failure(case, err))
+    extra = add_reviewed(reviewed, records + tests, failed, labels,
+                         lambda case: ingest_case(case, out_dir, labels, config))
+    records = [r for r in records if r.case_id not in extra.replaced] + extra.records
+    tests = [r for r in tests if r.case_id not in extra.replaced]
+    failed += review_failed + extra.failed
     if not records:
         raise DataError(f"{source}: no case could be ingested ({len(failed)} failed; see the log)")
     channels = {r.channels for r in records}

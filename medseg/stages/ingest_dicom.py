@@ -28,7 +28,9 @@ from medseg.dicom.volume import SeriesVolume, build_volume
 from medseg.errors import DataError
 from medseg.io import write_json
 from medseg.manifest import CaseRecord, FailedCase, Manifest, save_manifest
-from medseg.stages.ingest import IngestResult, write_case
+from medseg.review.feedback import ReviewedCase
+from medseg.stages.ingest import IngestResult, ingest_case, write_case
+from medseg.stages.ingest_reviewed import add_reviewed, read_reviewed, review_labels
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,21 @@ def _convert(
     return record, label_names
 
 
+def _add_reviewed(records: list[CaseRecord], failed: list[FailedCase], names: dict[int, str] | None,
+                  reviewed: tuple[list[ReviewedCase], list[FailedCase]], out_dir: Path, config: IngestConfig,
+                  ) -> tuple[list[CaseRecord], dict[int, str] | None]:
+    """The series' records with the reviewed cases (``medseg.stages.ingest_reviewed``) added; their
+    refusals go to ``failed``. The label names are the series' or else the reviews'."""
+    cases, refused = reviewed
+    if not cases and not refused:
+        return records, names
+    names = names if names is not None else review_labels(cases)
+    checked = {0: "background", **names} if names is not None and 0 not in names else names
+    extra = add_reviewed(cases, records, failed, checked, lambda case: ingest_case(case, out_dir, checked, config))
+    failed += refused + extra.failed
+    return [r for r in records if r.case_id not in extra.replaced] + extra.records, names
+
+
 def _damaged_beside(group: SeriesGroup, refused: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """The refused (damaged) files in a folder that holds images of ``group``: any of them may be
     one of its slices, whose series UID could not be read."""
@@ -108,6 +125,7 @@ def ingest_dicom(root: Path, out_dir: Path, config: IngestConfig | None = None, 
 def _ingest(
     root: Path, files: list[Path], out_dir: Path, config: IngestConfig, workers: int, pool: Pool | None
 ) -> IngestResult:
+    reviewed = read_reviewed(config.reviewed)  # a missing review folder fails before the conversion
     found = scan(root, pool=pool, listed=files)
     labels_of = _labels_by_series(found.labels)
     names = config.labels
@@ -151,6 +169,7 @@ def _ingest(
             names = label_names
         records.append(record)
         log.info("%s -> %s %s", group.name, record.image, record.shape + ([record.channels] if record.channels > 1 else []))
+    records, names = _add_reviewed(records, failed, names, reviewed, out_dir, config)
     for path, reason in found.refused:
         failed.append(FailedCase(case_id="", file=path, error=reason))
     report = {

@@ -62,6 +62,8 @@ class Tracking:
     config: TrackingConfig = TrackingConfig()
     artifact_root: Path | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    # JSON artifacts of the fold's run: path in the run (e.g. data/reviewed_cases.json) -> content
+    artifacts: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,16 @@ def _backfill_metrics(mlflow: Any, run_id: str | None, history: list[dict[str, f
         if int(record["epoch"]) not in logged:
             mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=int(record["epoch"]))
             log.info("logged epoch %d to MLflow run %s, which lacked it", int(record["epoch"]), run_id)
+
+
+def _log_json_artifacts(mlflow: Any, artifacts: dict[str, Any]) -> None:
+    """Write each content as JSON at its path in the active run's artifacts."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, content in artifacts.items():
+            path = Path(tmp) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(content, indent=2) + "\n")
+        mlflow.log_artifacts(tmp)
 
 
 def lr_factor(epoch: int, config: TrainConfig) -> float:
@@ -449,6 +461,8 @@ def train(
                 (Path(tmp) / "plan.json").write_text(plan.model_dump_json(indent=2))
                 (Path(tmp) / "train_config.json").write_text(config.model_dump_json(indent=2))
                 wait(lambda: mlflow.log_artifacts(tmp, artifact_path="config"), what="logging the config")
+            if tracking.artifacts:
+                wait(lambda: _log_json_artifacts(mlflow, tracking.artifacts), what="logging the data's records")
         if mlflow is not None and resume:
             wait(lambda: _backfill_metrics(mlflow, run_id, history), what="logging the epochs the run lacks")
         progress = tqdm(
