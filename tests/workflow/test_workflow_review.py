@@ -88,7 +88,8 @@ def test_review_through_the_server_makes_the_next_runs_training_cases(
     scans.mkdir()
     for case in new:
         (scans / f"{case}.nii.gz").symlink_to(shared_data / "hippocampus" / "imagesTr" / f"{case}.nii.gz")
-    for command in (["predict", "--input", str(scans), "--output", str(tmp_path / "pred")],
+    model = "models:/medseg-smoke/1"  # named: other workflow tests register models after it
+    for command in (["predict", "--input", str(scans), "--output", str(tmp_path / "pred"), "--model", model],
                     ["review", "--predictions", str(tmp_path / "pred"), "--output", str(tmp_path / "review")]):
         proc = subprocess.run([str(venv_bin / "medseg"), *command], cwd=finished, capture_output=True, text=True,
                               env=_env(venv_bin), timeout=600)
@@ -124,7 +125,6 @@ def test_review_through_the_server_makes_the_next_runs_training_cases(
     manifest, _ = load_manifest(path)
     reviewed = {c["case_id"]: c for c in manifest.reviewed_cases()}
     assert sorted(reviewed) == new[:2] and len(manifest.cases) == len(CASES) + 2
-    model = "models:/medseg-smoke/1"
     assert (reviewed[new[0]]["origin"], reviewed[new[0]]["reviewer"], reviewed[new[0]]["predicted_by"]) == (
         "accepted", "ann", [model])
     assert (reviewed[new[1]]["origin"], reviewed[new[1]]["corrected_by"], reviewed[new[1]]["predicted_by"]) == (
