@@ -3,9 +3,9 @@
 The page sends the drawing as NIfTI (gzip or not), on the grid of the scan it was drawn on. A
 correction is kept only when it is a mask of that case: the predicted mask's shape and affine,
 whole numbers from 0 to the highest label, starting from a mask the case has shown (the predicted
-one or an earlier correction). It is then written, atomically, as a new file under the review
-folder's ``corrections/<case>/`` with the predicted mask's header (the scan's own geometry; the
-predicted mask is never touched), and recorded as the verdict ``fix`` with who saved it, when,
+one or an earlier correction). It is then written, atomically, as a new file of the review folder,
+``corrections/<case>/<time>-<reviewer>-<random>.nii.gz``, with the predicted mask's header (the
+scan's own geometry; the predicted mask is never touched), and recorded as the verdict ``fix`` with who saved it, when,
 and the SHA-256 of the mask it started from and of itself. Anything else is refused with a
 :class:`ConfigError` that says what was expected, and nothing is written.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import zlib
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,9 @@ def save(review_dir: Path, entry: dict[str, Any], body: bytes, *, reviewer: str,
     labels = max((int(k) for k in entry.get("labels") or {}), default=0)
     data = read_upload(case_id, body, reference, labels, upload_limit(entry))
     time = verdicts.now()
-    relative = Path(verdicts.CORRECTIONS) / _name(case_id) / f"{time.replace(':', '')}-{_name(reviewer or 'anonymous')}.nii.gz"
+    unique = secrets.token_hex(4)  # two saves in the same millisecond keep both files
+    stamp = f"{time.replace(':', '')}-{_name(reviewer or 'anonymous')}-{unique}"
+    relative = Path(verdicts.CORRECTIONS) / _name(case_id) / f"{stamp}.nii.gz"
     target = review_dir / relative
     header = reference.header.copy()
     header.set_data_dtype(np.uint8)

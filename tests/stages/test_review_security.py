@@ -202,3 +202,21 @@ def test_review_tokens_file_and_serving_beyond_loopback(folder: Path, tmp_path: 
         make_server(folder, host="0.0.0.0", port=0)
     assert main(["review", "--output", str(folder), "--serve", "--host", "0.0.0.0", "--port", "0"]) == 2
     assert "needs reviewers' tokens" in capsys.readouterr().err
+
+
+def test_review_corrections_saved_at_the_same_time_are_all_kept(server: tuple[str, int], folder: Path) -> None:
+    base = sha256(folder.parent / "pred" / "c1.nii.gz")
+    answers: list[int] = []
+
+    def save() -> None:
+        answers.append(_call(server, "POST", "/case/c1/correction", _mask(), headers={"X-Base-SHA256": base})[0])
+
+    threads = [threading.Thread(target=save) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert answers == [200] * 6
+    rows = verdicts.history(folder)
+    assert len(rows) == 6 and len({r.correction for r in rows}) == 6
+    assert all((folder / r.correction).is_file() and sha256(folder / r.correction) == r.correction_sha256 for r in rows)
