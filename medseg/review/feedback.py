@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from medseg.errors import DataError
-from medseg.io import read_json, sha256
+from medseg.io import sha256
 from medseg.review import verdicts
-from medseg.review.folder import load_queue, mask_digest
+from medseg.review.folder import load_queue, mask_digest, prediction_models
 
 log = logging.getLogger(__name__)
 
-PREDICT_RECORD = "predict.json"  # medseg predict's record of the models that made a folder's masks
 
 
 @dataclass(frozen=True)
@@ -73,10 +72,7 @@ class Feedback:
 
 def _predicted_by(folder: str, cache: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
     if folder not in cache:
-        path = Path(folder) / PREDICT_RECORD
-        record = read_json(path) if path.is_file() else {}
-        models = record.get("models", []) if isinstance(record, dict) else []
-        cache[folder] = tuple(str(m["model"]) for m in models if isinstance(m, dict) and "model" in m)
+        cache[folder] = prediction_models(folder)
     return cache[folder]
 
 

@@ -18,6 +18,7 @@ QUEUE = "queue.json"
 SUMMARY = "review.json"
 INDEX = "index.html"
 PICTURES = "cases"
+PREDICT_RECORD = "predict.json"  # medseg predict's record of the models that made a folder's masks
 
 
 @functools.lru_cache(maxsize=4096)
@@ -31,6 +32,14 @@ def mask_digest(path: Path | str | None) -> str:
         return ""
     stat = os.stat(path)
     return _digest(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+def prediction_models(prediction_dir: Path | str) -> tuple[str, ...]:
+    """The models that made a prediction folder's masks, from its ``predict.json`` (() without one)."""
+    path = Path(prediction_dir) / PREDICT_RECORD
+    record = read_json(path) if path.is_file() else {}
+    models = record.get("models", []) if isinstance(record, dict) else []
+    return tuple(str(m["model"]) for m in models if isinstance(m, dict) and "model" in m)
 
 
 def load_queue(review_dir: Path) -> list[dict[str, Any]]:

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from medseg.errors import ConfigError, ModelError
-from medseg.io import atomic_path, read_json
+from medseg.io import atomic_path
+from medseg.review.folder import PREDICT_RECORD, prediction_models
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,11 @@ class SliceScore(nn.Module):
 
 
 def _model_ref(entry: dict[str, Any]) -> str:
-    record = Path(entry["prediction_dir"]) / "predict.json"
-    models = read_json(record).get("models", []) if record.is_file() else []
+    models = prediction_models(entry["prediction_dir"])
     if not models:
-        raise ConfigError(f"case {entry['case_id']}: {record} names no model, so there is nothing to explain")
-    return str(models[0]["model"])
+        raise ConfigError(f"case {entry['case_id']}: {Path(entry['prediction_dir']) / PREDICT_RECORD} names no "
+                          "model, so there is nothing to explain")
+    return models[0]
 
 
 def _load(ref: str, tracking_uri: str | None) -> tuple[nn.Module, Any]:

@@ -36,6 +36,7 @@ Routes:
 from __future__ import annotations
 
 import asyncio
+import functools
 import gzip
 import hmac
 import ipaddress
@@ -62,6 +63,7 @@ log = logging.getLogger(__name__)
 MAX_FORM_BYTES = 64 * 1024
 COOKIE = "medseg_review_token"
 STATIC = Path(__file__).parent / "static"
+NIIVUE = "niivue/niivue.umd.js"  # NiiVue as npm ships it, stored as niivue.umd.js.gz (gzip -9)
 VOLUMES = ("scan", "mask", "predicted", "reference", "uncertainty")
 
 
@@ -181,11 +183,11 @@ class ReviewApp:
             image, _ = scan_image(entry)
             data = np.asarray(image.dataobj)
             image = nib.Nifti1Image(data.astype(np.float32) if data.dtype.kind == "f" else data, image.affine)
+            body = gzip.compress(image.to_bytes(), compresslevel=1)
         else:
             assert path is not None
-            image = nib.load(str(path))
-            image = nib.Nifti1Image(np.asarray(image.dataobj), image.affine, image.header)
-        body = gzip.compress(image.to_bytes(), compresslevel=1)
+            body = path.read_bytes() if path.name.endswith(".nii.gz") else gzip.compress(
+                nib.load(str(path)).to_bytes(), compresslevel=1)
         with self._lock:
             self._volumes[cache_key] = body
             while len(self._volumes) > 4 * len(VOLUMES):
@@ -433,6 +435,10 @@ def make_app(review_dir: Path, config: ReviewConfig | None = None, *, reviewer: 
         log.info("case %s: corrected by %s -> %s", case_id, entry.reviewer or "-", entry.correction)
         return JSONResponse(asdict(entry), headers=no_store)
 
+    def niivue(request: Request) -> Response:  # stored packed (under 1 MiB in the repository), sent as it is
+        return Response(_niivue_packed(), media_type="text/javascript", headers={"Content-Encoding": "gzip",
+                                                                                 "Cache-Control": "max-age=3600"})
+
     async def not_found(request: Request, exc: Exception) -> Response:
         return _error_page(404, str(exc) if isinstance(exc, _NotFound) else f"no page at {request.url.path}")
 
@@ -451,6 +457,7 @@ def make_app(review_dir: Path, config: ReviewConfig | None = None, *, reviewer: 
         Route("/saliency/{case_id}.nii.gz", saliency),
         Route("/slice/{case_id}/{view}/{index}.png", slice_png),
         Route("/picture/{case_id}.png", picture),
+        Route(f"/static/{NIIVUE}", niivue),
         Mount("/static", StaticFiles(directory=STATIC, follow_symlink=False)),
     ]
     app = Starlette(routes=routes, middleware=[Middleware(Auth)],
@@ -461,6 +468,11 @@ def make_app(review_dir: Path, config: ReviewConfig | None = None, *, reviewer: 
 
 class _NotFound(Exception):
     pass
+
+
+@functools.lru_cache(maxsize=1)
+def _niivue_packed() -> bytes:
+    return (STATIC / f"{NIIVUE}.gz").read_bytes()
 
 
 class ReviewServer:

@@ -45,7 +45,7 @@ from medseg.io import atomic_path, read_json, write_json
 from medseg.qc import FAILED_DIR, QC_DIR
 from medseg.review import page, render, verdicts
 from medseg.review.cases import load_entry, scan_image, states, status, summarize
-from medseg.review.folder import INDEX, PICTURES, QUEUE, SUMMARY, load_queue, mask_digest
+from medseg.review.folder import INDEX, PICTURES, QUEUE, SUMMARY, load_queue, mask_digest, prediction_models
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +240,7 @@ def log_to_mlflow(review_dir: Path, tracking_uri: str) -> dict[str, dict[str, in
             continue
         folder = entry["prediction_dir"]
         if folder not in records:
-            path = Path(folder) / "predict.json"
-            records[folder] = [m["model"] for m in read_json(path).get("models", [])] if path.is_file() else []
+            records[folder] = list(prediction_models(folder))
         state = status(entry, current.get(entry["case_id"]))
         for ref in records[folder]:
             if ref.startswith("models:/"):
