@@ -1,6 +1,8 @@
 # medseg: the two commands of the README.
 #   make demo [DATA=<MSD/nnU-Net folder>]   set up .venv and run the whole workflow on MSD Task04 Hippocampus
 #   make test                               set up .venv and run the test suite
+# And, for the readers of untrusted files:
+#   make fuzz [FUZZ_SECONDS=600]            fuzz the DICOM header reader, series builder and NIfTI loading, each that long
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,9 +13,12 @@ CONSTRAINTS ?= constraints.txt
 DATA ?=
 CORES ?= all
 RESULTS ?= data/results
+FUZZ_SECONDS ?= 600
+FUZZ_TARGETS ?= dicom_header dicom_series nifti
+FUZZ_DIR ?= test-artifacts/fuzz
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test venv lock clean-results bench-ingest bench-loader bench-accuracy bench-channels bench-predict bench-deps
+.PHONY: demo test fuzz venv lock clean-results bench-ingest bench-loader bench-accuracy bench-channels bench-predict bench-deps
 
 venv: $(VENV)/.installed
 
@@ -40,6 +45,15 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest
+
+# Coverage-guided fuzzing (atheris, tests/fuzz): each target for FUZZ_SECONDS, one after another, its corpus
+# and any crash input in $(FUZZ_DIR)/<target>/. A crash stops its target; the run fails if any target crashed.
+fuzz: venv
+	@status=0; for target in $(FUZZ_TARGETS); do \
+	  echo "fuzzing $$target for $(FUZZ_SECONDS) s (corpus and crashes: $(FUZZ_DIR)/$$target)"; \
+	  MEDSEG_FUZZ_DIR=$(FUZZ_DIR) $(BIN)/python tests/fuzz/fuzz_$$target.py -max_total_time=$(FUZZ_SECONDS) \
+	    -print_final_stats=1 || status=1; \
+	done; exit $$status
 
 # The peers of the benchmarks (docs/benchmarks.md): dcm2niix, dicom2nifti, nnU-Net v2. torch stays at
 # $(TORCH): nnunetv2 would otherwise upgrade it through timm and torchvision, which nnU-Net's default

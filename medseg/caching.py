@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.stages.preprocess import load_case
+from medseg.preprocessed import load_case
 
 GB = 2**30
 

@@ -1,8 +1,8 @@
 """The ``medseg`` command: one subcommand per stage, plus helpers.
 
 Commands are thin: parse arguments, build the config, call the stage function, and turn a
-``MedsegError`` into a one-line message and exit status 2. Heavy imports happen inside
-the commands so ``medseg --help`` is instant.
+``MedsegError`` (or a full disk: ENOSPC, EDQUOT) into a one-line message and exit status 2.
+Heavy imports happen inside the commands so ``medseg --help`` is instant.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from medseg.config import PredictConfig
     from medseg.errors import ConfigError
-    from medseg.stages.plan import load_splits
+    from medseg.plans import load_splits
     from medseg.stages.predict import predict
 
     uri = _tracking_uri(args)
@@ -464,7 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("alembic", "mlflow", "urllib3", "matplotlib"):
+    # highdicom's INFO lines name the source instances' SOP Instance UIDs, which tie a log to the patient's record
+    for noisy in ("alembic", "mlflow", "urllib3", "matplotlib", "highdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
@@ -474,6 +475,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MedsegError as err:
         print(f"medseg {args.command}: error: {err}", file=sys.stderr)
         return getattr(err, "exit_code", 2)
+    except OSError as err:
+        from medseg.io import NO_SPACE
+
+        if err.errno not in NO_SPACE:
+            raise
+        # medseg.io's atomic writes name the file and leave no part of it; the files written before stay whole.
+        print(f"medseg {args.command}: error: cannot write {err.filename or 'a file'}: {err.strerror}: free some space "
+              "and run the command again", file=sys.stderr)
+        return 2
     except Exception as err:
         from medseg.tracking import unreachable
 

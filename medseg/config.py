@@ -289,6 +289,11 @@ class PredictConfig(StrictModel):
     max_uncertainty: float = Field(
         default=0.25, gt=0, le=1, description="Quality control: flag a case whose uncertainty score is above this."
     )
+    max_spacing_ratio: float = Field(
+        default=4.0, gt=1,
+        description="Refuse a scan whose voxel spacing differs from the plan's target spacing by more than this "
+        "factor on an axis (from the finest axis up): the model never saw images of such resolution.",
+    )
     volume_tolerance: float = Field(
         default=0.5, ge=0,
         description="Quality control: flag a class whose volume lies below the smallest training label's "
@@ -488,17 +493,25 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def _format_validation(err: ValidationError, where: str) -> str:
+    return f"invalid config in {where}: " + validation_summary(err)
+
+
+def validation_summary(err: ValidationError) -> str:
+    """A pydantic error in one line: each bad key with what was expected and found."""
     parts = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
             parts.append(f"unknown key '{loc}'")
+        elif e["type"] == "missing":
+            parts.append(f"missing key '{loc}'")
         elif e["type"] == "value_error":  # a validator's own message says what it found
             msg = str(e.get("ctx", {}).get("error", e["msg"]))
             parts.append(msg if loc == "<root>" else f"'{loc}': {msg}")
         else:
-            parts.append(f"'{loc}': {e['msg']} (found {e.get('input')!r})")
-    return f"invalid config in {where}: " + "; ".join(parts)
+            found = repr(e.get("input"))
+            parts.append(f"'{loc}': {e['msg']} (found {found if len(found) <= 80 else found[:77] + '...'})")
+    return "; ".join(parts)
 
 
 def validate(model: type[M], data: Any, where: str) -> M:
@@ -520,6 +533,14 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: the problem and where (``line 3, column 5``)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping, with errors that name the file."""
     try:
@@ -527,7 +548,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(err)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

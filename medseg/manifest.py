@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
+from medseg.config import validation_summary
 from medseg.errors import DataError
 from medseg.io import read_json, write_json
 
@@ -108,8 +109,8 @@ def load_manifest(path: Path) -> tuple[Manifest, Path]:
     path = Path(path)
     try:
         manifest = Manifest.model_validate(read_json(path))
-    except ValueError as err:
-        raise DataError(f"{path} is not a medseg manifest: {err}") from None
+    except ValidationError as err:
+        raise DataError(f"{path} is not a medseg manifest: {validation_summary(err)}") from None
     return manifest, path.parent
 
 

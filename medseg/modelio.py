@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from pathlib import Path
-from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -20,11 +20,12 @@ from torch import nn
 
 from medseg.config import NetworkConfig, PreprocessConfig
 from medseg.errors import ModelError
-from medseg.stages.plan import Plan
+from medseg.plans import Plan
 
 log = logging.getLogger(__name__)
 
 SPEC_FILE = "medseg_spec.json"
+CHECKPOINT = "medseg_model.pt"  # the weights and spec of medseg's pyfunc, one artifact
 
 
 class ModelSpec(BaseModel):
@@ -53,27 +54,25 @@ def load_checkpoint_model(path: Path, device: torch.device) -> tuple[nn.Module, 
     try:
         state = torch.load(path, map_location=device, weights_only=False)
         spec = ModelSpec.model_validate(state["spec"])
-    except (KeyError, RuntimeError, ValueError, EOFError) as err:
-        raise ModelError(f"{path}: expected a medseg checkpoint, could not read it: {err}") from None
+        weights = state["model"]
+    except (KeyError, TypeError, IndexError, AttributeError, RuntimeError, ValueError, EOFError, OSError,
+            pickle.UnpicklingError) as err:
+        reason = str(err).split(". ")[0].splitlines()[0] if str(err) else type(err).__name__
+        raise ModelError(f"{path}: expected a medseg checkpoint, could not read it (truncated or not a "
+                         f"checkpoint?): {reason}") from None
     net = build_from_spec(spec)
-    net.load_state_dict(state["model"])
+    try:
+        net.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ModelError(f"{path}: its weights do not fit the network its spec describes: {reason}") from None
     return net.to(device).eval(), spec
-
-
-def log_model(net: nn.Module, spec: ModelSpec, tmp_dir: Path, registered_name: str | None) -> Any:
-    """Log the network and its spec to the active MLflow run as a pyfunc that takes scan paths
-    (``medseg.pyfunc``); register it if a name is given."""
-    from medseg.pyfunc import log_pyfunc
-
-    return log_pyfunc(net, spec, tmp_dir, registered_name)
 
 
 def load_mlflow_model(uri: str, device: torch.device, tracking_uri: str | None) -> tuple[nn.Module, ModelSpec]:
     """A network and its spec from ``models:/<name>/<version|@alias>`` or ``runs:/<id>/model``: medseg's
     pyfunc (its checkpoint artifact), or the pytorch flavour with a spec file that medseg logged before."""
     import mlflow
-
-    from medseg.pyfunc import CHECKPOINT
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)

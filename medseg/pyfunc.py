@@ -1,6 +1,6 @@
 """The registered model as an MLflow ``python_function``: scan paths in, mask paths out.
 
-Training registers every model this way (``medseg.modelio.log_model``), so any MLflow tool can
+Training registers every model this way (``log_pyfunc``), so any MLflow tool can
 use it without medseg's commands::
 
     mlflow models predict -m models:/<name>/<version> -t json -i scans.json -o masks.json
@@ -44,11 +44,10 @@ import torch
 from medseg.config import PredictConfig
 from medseg.errors import DataError, MedsegError
 from medseg.io import NIFTI_SUFFIXES, strip_nifti_suffix
-from medseg.modelio import SPEC_FILE, ModelSpec, load_checkpoint_model, resolve_device
+from medseg.modelio import CHECKPOINT, SPEC_FILE, ModelSpec, load_checkpoint_model, resolve_device
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "medseg_model.pt"
 DEFAULT_OUTPUT = "medseg-predictions"
 COLUMNS = ["case", "image", "mask", "qc_flags", "uncertainty", "error"]
 
@@ -121,7 +120,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         from medseg.qc import read_case_qc
-        from medseg.stages.predict import predict_cases
+        from medseg.prediction import predict_cases
 
         params = params or {}
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({"image": list(model_input)})

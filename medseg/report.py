@@ -24,6 +24,7 @@ def report(results: Path, tracking_uri: str) -> str:
     for info in models:
         data = read_json(info)
         lines.append(f"Model (fold {data['fold']}): {data['model_uri']}  (best validation Dice {data['best_val_dice']:.4f})")
+    lines += _left_out(results, summary)
     lines += [
         f"Predictions: {results / 'predictions'}",
         f"Reports:     {results / 'evaluation'} (metrics.csv, summary.json, metrics.png, postprocessing.json)",
@@ -34,3 +35,22 @@ def report(results: Path, tracking_uri: str) -> str:
         f"--postprocessing {results / 'evaluation' / 'postprocessing.json'}",
     ]
     return "\n".join(lines)
+
+
+def _left_out(results: Path, summary: dict) -> list[str]:
+    """Every case a stage refused or left out, with its reason: the numbers above are without them."""
+    entries: list[str] = []
+    manifest = results / "ingest" / "manifest.json"
+    if manifest.exists():
+        for failed in read_json(manifest).get("failed", []):
+            entries.append(f"  ingest    {failed.get('case_id') or failed.get('file')}: {failed.get('error')}")
+    for record in sorted(results.glob("predictions/*/failed/*.json")):
+        entries.append(f"  predict   {record.stem} ({record.parent.parent.name}): {read_json(record).get('error')}")
+    for case_id, reason in sorted(summary.get("left_out", {}).items()):
+        entries.append(f"  evaluate  {case_id}: {reason}")
+    if summary.get("not_predicted"):
+        entries.append(f"  evaluate  no mask for {len(summary['not_predicted'])} reference case(s): "
+                       + ", ".join(summary["not_predicted"]))
+    if not entries:
+        return ["Left out:    no case"]
+    return [f"Left out:    {len(entries)} (see the stage's report for each)", *entries]

@@ -73,22 +73,40 @@ def _modality_from_json(info: dict) -> str | None:
     return None
 
 
+def _entries(info: dict, key: str, where: Path) -> list:
+    entries = info.get(key) or []
+    if not isinstance(entries, list):
+        raise DataError(f"{where}: expected '{key}' to be a list, found {type(entries).__name__} {entries!r:.60}")
+    return entries
+
+
 def read_dataset_folder(root: Path) -> DatasetSource:
     """An MSD (``training`` list) or nnU-Net v2 (``channel_names``, ``file_ending``) folder."""
     meta_path = root / "dataset.json"
     info = read_json(meta_path)
+    if not isinstance(info, dict):
+        raise DataError(f"{meta_path}: expected a JSON object, found {type(info).__name__}")
     labels = _labels_from_json(info, meta_path)
     modality = _modality_from_json(info)
     if "training" in info:
         cases = []
-        for entry in info["training"]:
+        for n, entry in enumerate(_entries(info, "training", meta_path)):
+            if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
+                raise DataError(f"{meta_path}: expected training[{n}] to be an object with an 'image' path, "
+                                f"found {entry!r}")
+            if not isinstance(entry.get("label") or "", str):
+                raise DataError(f"{meta_path}: expected training[{n}].label to be a path, found {entry['label']!r}")
             image = _resolve(root, entry["image"])
             label = _resolve(root, entry["label"]) if entry.get("label") else None
             case_id = strip_nifti_suffix(image.name)
             cases.append(CaseSource(case_id, (image,), label))
         tests = []
-        for entry in info.get("test", []):
-            image = _resolve(root, entry if isinstance(entry, str) else entry["image"])
+        for n, entry in enumerate(_entries(info, "test", meta_path)):
+            path = entry if isinstance(entry, str) else entry.get("image") if isinstance(entry, dict) else None
+            if not isinstance(path, str):
+                raise DataError(f"{meta_path}: expected test[{n}] to be a path or an object with an 'image' path, "
+                                f"found {entry!r}")
+            image = _resolve(root, path)
             tests.append(CaseSource(strip_nifti_suffix(image.name), (image,)))
         return DatasetSource(root, "msd", tuple(cases), labels, modality, tuple(tests))
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
@@ -165,6 +183,28 @@ def read_nifti_folder(root: Path) -> DatasetSource:
     return DatasetSource(root, "nifti", tuple(CaseSource(c, tuple(p)) for c, p in groups.items()))
 
 
+def _refuse_dicom_beside_nifti(folder: Path) -> None:
+    """A folder of NIfTI scans that also holds DICOM files (beside them or below) is refused: reading
+    one kind would leave the other out without a word."""
+    from medseg.dicom import is_dicom_series_folder  # pydicom only when needed
+    from medseg.dicom.scan import list_files
+
+    others = [p for p in list_files(folder) if not is_nifti(p) and p.suffix.lower() not in _NOT_DICOM]
+    if not others or not is_dicom_series_folder(folder, others):
+        return
+    nifti = sorted(p.name for p in folder.iterdir() if is_nifti(p))
+    places = sorted({str(p.parent.relative_to(folder)) or "." for p in others})
+    raise DataError(
+        f"{folder}: expected one kind of scan, found both NIfTI files ({len(nifti)}, e.g. {nifti[0]}) and DICOM "
+        f"files (in {', '.join(places[:3])}{', ...' if len(places) > 3 else ''}); put the DICOM series in a folder of "
+        "their own, or list both kinds in a cases.tsv"
+    )
+
+
+# Files beside NIfTI scans that are not taken for DICOM (sidecars, notes, checksums).
+_NOT_DICOM = {".json", ".txt", ".md", ".csv", ".tsv", ".yaml", ".yml", ".sha256", ".md5", ".png", ".jpg"}
+
+
 def discover(path: Path) -> DatasetSource:
     """Recognise the kind of input at ``path`` and list its cases."""
     path = Path(path)
@@ -179,6 +219,7 @@ def discover(path: Path) -> DatasetSource:
     if (path / "cases.tsv").exists():
         return read_case_sheet(path / "cases.tsv")
     if any(is_nifti(p) for p in path.iterdir()):
+        _refuse_dicom_beside_nifti(path)
         return read_nifti_folder(path)
     if is_dicom_root(path):
         return read_dicom_tree(path)

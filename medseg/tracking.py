@@ -111,6 +111,7 @@ def experiment_id(tracking_uri: str, name: str, artifact_root: Path | None, lock
     ``artifact_root``; a server keeps them where it was told (``--artifacts-destination``)."""
     import mlflow
 
+    create_store_whole(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient()
     found = client.get_experiment_by_name(name)
@@ -129,6 +130,25 @@ def experiment_id(tracking_uri: str, name: str, artifact_root: Path | None, lock
             if found is None:
                 raise
             return found.experiment_id
+
+
+def create_store_whole(tracking_uri: str) -> None:
+    """Create a local SQLite store that does not exist yet whole, or not at all. MLflow builds a new
+    store's tables and runs its schema migrations in many steps, and a process killed among them leaves
+    a store that every later run refuses ("index ... already exists"). So the store is built in a
+    temporary file beside its path and linked there once complete (of processes that race, the first
+    wins)."""
+    if not str(tracking_uri).startswith("sqlite:///"):
+        return
+    path = Path(str(tracking_uri)[len("sqlite:///") :].split("?", 1)[0])
+    if path.exists():
+        return
+    import mlflow
+
+    from medseg.io import atomic_path
+
+    with atomic_path(path, replace=False) as tmp:
+        mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp.resolve()}").search_experiments(max_results=1)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # heavy imports stay inside functions
     from monai.transforms import Compose
 
     from medseg.config import AugmentConfig
-    from medseg.stages.plan import Plan
+    from medseg.plans import Plan
 
 
 def nonzero(x: Any) -> Any:

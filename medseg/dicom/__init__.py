@@ -47,14 +47,14 @@ def read_series(
     )
 
 
-def is_dicom_series_folder(folder: Path) -> bool:
-    """True if ``folder`` holds a readable DICOM file among its first 50 files."""
+def is_dicom_series_folder(folder: Path, files: Sequence[Path] | None = None) -> bool:
+    """True if ``folder`` holds a readable DICOM file among its first 50 files (or of ``files``)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     from medseg.dicom.scan import list_files
 
-    for path in list_files(Path(folder))[:50]:
+    for path in (list_files(Path(folder)) if files is None else list(files))[:50]:
         try:
             pydicom.dcmread(path, stop_before_pixels=True)
             return True

@@ -206,6 +206,43 @@ def _group_item(ds: pydicom.Dataset, frame: pydicom.Dataset | None, sequence: st
 
 
 def _multiframe(ds: pydicom.Dataset, path: Path, rows: int, columns: int, n_frames: int, sop_uid: str) -> list[Frame]:
+    """The frames of a multi-frame object. pydicom reads a sequence (and its items' values) on first
+    use, and raises many kinds (OSError, ValueError, ...) where one is damaged: each is refused here."""
+    _check_declared_lengths(ds, path, ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"))
+    try:
+        return _multiframe_frames(ds, path, rows, columns, n_frames, sop_uid)
+    except (DicomSeriesError, MemoryError):  # MemoryError: not damage this check can name (a bug to fix)
+        raise
+    except Exception as err:  # noqa: BLE001 - pydicom's many kinds for a damaged sequence
+        raise DicomSeriesError(
+            f"{path}: unreadable DICOM header: expected readable functional groups in a multi-frame image "
+            f"({n_frames} frames), found a damaged sequence ({type(err).__name__}: {err})"
+        ) from None
+
+
+def _check_declared_lengths(ds: pydicom.Dataset, path: Path, keywords: tuple[str, ...]) -> None:
+    """Refuse a sequence not yet read whose declared length runs past the end of the file: pydicom
+    would take that much memory (up to 4 GiB) before finding out."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return
+    for keyword in keywords:
+        tag = pydicom.datadict.tag_for_keyword(keyword)
+        element = ds.get_item(tag, keep_deferred=True) if tag in ds else None
+        length, start = getattr(element, "length", None), getattr(element, "value_tell", None)
+        if not getattr(element, "is_raw", False) or length in (None, 0xFFFFFFFF) or start is None:
+            continue
+        if start + length > size:
+            raise DicomSeriesError(
+                f"{path}: expected {keyword} to end within the file ({size} bytes), its length says "
+                f"{length} bytes from byte {start}"
+            )
+
+
+def _multiframe_frames(
+    ds: pydicom.Dataset, path: Path, rows: int, columns: int, n_frames: int, sop_uid: str
+) -> list[Frame]:
     where = str(path)
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if per_frame is None:

@@ -13,8 +13,9 @@ It only vouches for what it fully understands: a Part 10 file whose data set is 
 (implicit or explicit VR, native or encapsulated pixel data), a classic single-frame image (no
 functional groups, not a Siemens mosaic, not a segmentation or structure set) with Rows,
 Columns and SeriesInstanceUID. Anything else (big endian, deflated, multi-frame, no preamble,
-an element that runs past the end of the file, an unknown VR) gives None, and the caller reads
-the file with pydicom, which also words the error for a damaged one.
+an element that runs past the end of the file, an unknown VR, sequences nested more than
+``MAX_DEPTH`` deep) gives None, and the caller reads the file with pydicom, which also words
+the error for a damaged one.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ LABEL_CLASSES = (b"1.2.840.10008.5.1.4.1.1.66.4", b"1.2.840.10008.5.1.4.1.1.66.7
 IMPLICIT_LE, EXPLICIT_LE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
 HEAD_BYTES = 1 << 16  # read this much first: the header of most images, and little of their pixels
 MAX_HEAD_BYTES = 1 << 22  # then up to this much; a header that is longer is left to pydicom
+MAX_DEPTH = 16  # sequences nested deeper than this (none in real headers) are left to pydicom
 
 _explicit = struct.Struct("<HH2sH").unpack_from
 _implicit = struct.Struct("<HHL").unpack_from
@@ -241,8 +243,11 @@ def _walk(
     raise _Unsure  # no PixelData: a header longer than what was read, or a truncated file
 
 
-def _skip_undefined(buf: bytes, pos: int, limit: int, implicit: bool) -> int:
-    """The position after a sequence (or other value) of undefined length starting at ``pos``."""
+def _skip_undefined(buf: bytes, pos: int, limit: int, implicit: bool, depth: int = 0) -> int:
+    """The position after a sequence (or other value) of undefined length starting at ``pos``;
+    nested deeper than ``MAX_DEPTH`` (no real header is), it is left to pydicom."""
+    if depth >= MAX_DEPTH:
+        raise _Unsure
     while pos + 8 <= limit:
         group, elem, length = _implicit(buf, pos)  # item tags have no VR in any syntax
         tag = (group << 16) | elem
@@ -252,17 +257,17 @@ def _skip_undefined(buf: bytes, pos: int, limit: int, implicit: bool) -> int:
         if tag != ITEM:
             raise _Unsure
         if length == UNDEFINED:
-            pos = _skip_item(buf, pos, limit, implicit)
+            pos = _skip_item(buf, pos, limit, implicit, depth)
         else:
             pos += length
     raise _Unsure
 
 
-def _skip_item(buf: bytes, pos: int, limit: int, implicit: bool) -> int:
+def _skip_item(buf: bytes, pos: int, limit: int, implicit: bool, depth: int) -> int:
     """The position after an item of undefined length whose first element is at ``pos``."""
     while pos + 8 <= limit:
         tag, _, length, start = _element(buf, pos, limit, implicit)
         if tag == ITEM_END:
             return start
-        pos = _skip_undefined(buf, start, limit, implicit) if length == UNDEFINED else start + length
+        pos = _skip_undefined(buf, start, limit, implicit, depth + 1) if length == UNDEFINED else start + length
     raise _Unsure

@@ -45,7 +45,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from medseg.dicom.scan import RTSTRUCT_STORAGE, SEG_STORAGE, sop_class_uid
+from medseg.dicom.sop import RTSTRUCT_STORAGE, SEG_STORAGE, sop_class_uid
 from medseg.dicom.volume import LPS_TO_RAS, SeriesVolume
 from medseg.errors import ConfigError, DicomLabelError
 

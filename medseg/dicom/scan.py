@@ -38,7 +38,9 @@ from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from medseg.dicom.frames import Frame, frames_of
 from medseg.dicom.header import read_image_header
+from medseg.dicom.labels import referenced_series_uid
 from medseg.dicom.sidecar import ALLOWED_KEYWORDS
+from medseg.dicom.sop import RTSTRUCT_STORAGE, SEG_STORAGE, sop_class_uid
 from medseg.dicom.volume import (
     PixelLocation,
     locate_pixels,
@@ -49,8 +51,6 @@ from medseg.errors import DicomSeriesError
 
 log = logging.getLogger(__name__)
 
-SEG_STORAGE = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")  # binary/fractional, label map
-RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 ObjectKind = Literal["image", "seg", "rtstruct", "other"]
 
 
@@ -73,6 +73,7 @@ class DicomFile:
     series_uid: str = ""
     series_number: str = ""
     sop_uid: str = ""
+    image_type: str = ""  # ImageType's values joined by backslashes, upper case
 
     @property
     def header(self) -> pydicom.Dataset:
@@ -96,10 +97,13 @@ def _keys(get: Callable[..., Any]) -> dict[str, str]:
                 return str(int(value))
             except (TypeError, ValueError):
                 pass
+        if keyword == "ImageType":  # multi-valued: ORIGINAL\PRIMARY\M\ND, however a reader gives it
+            values = value.split("\\") if isinstance(value, str) else [] if value is None else list(value)
+            return "\\".join(str(v).strip().upper() for v in values)
         return "" if value is None else str(value)
 
     return {"series_uid": text("SeriesInstanceUID"), "series_number": text("SeriesNumber"),
-            "sop_uid": text("SOPInstanceUID")}
+            "sop_uid": text("SOPInstanceUID"), "image_type": text("ImageType")}
 
 
 @dataclass
@@ -244,11 +248,6 @@ def _slim_header(path: Path) -> pydicom.Dataset:
     return _slim(pydicom.dcmread(path, defer_size=DEFER_SIZE))
 
 
-def sop_class_uid(ds: pydicom.Dataset) -> str:
-    """The SOP class of a data set, from SOPClassUID or else its file meta ('' if neither)."""
-    return str(ds.get("SOPClassUID", "") or getattr(ds.get("file_meta", None), "MediaStorageSOPClassUID", ""))
-
-
 def _named_dicom(path: Path, what: str) -> str:
     """Why a file named as DICOM (``DICOM_SUFFIXES``) but unusable is a damaged DICOM file; '' for
     other names, which are merely not DICOM."""
@@ -270,10 +269,6 @@ def _summary(path: Path, ds: pydicom.Dataset, kind: ObjectKind) -> DicomFile:
         return DicomFile(path, _slim(ds), kind, frames, error, pixel_location(ds), **_keys(ds.get))
     references = None
     if kind in ("seg", "rtstruct"):
-        from medseg.dicom.labels import (
-            referenced_series_uid,  # labels imports this module
-        )
-
         try:
             references = referenced_series_uid(ds)
         except Exception as err:  # a damaged reference: the object references nothing usable
@@ -419,10 +414,13 @@ def _sop_class_name(ds: pydicom.Dataset) -> str:
         return str(uid)
 
 
-def _split(frames: list[Frame]) -> list[tuple[list[Frame], str]]:
-    """Split one series' frames by orientation, then size, then echo; return parts and the reason."""
+def _split(frames: list[Frame], image_type: dict[Path, str] | None = None) -> list[tuple[list[Frame], str]]:
+    """Split one series' frames by image type (magnitude and phase, say, as dcm2niix does), then
+    orientation, then size, then echo; return parts and the reason."""
     parts: list[tuple[list[Frame], str]] = [(frames, "")]
+    types = image_type or {}
     keys = (
+        ("image type", lambda f: types.get(f.path, "")),
         ("orientation", lambda f: tuple(np.round(f.orientation, 3))),
         ("image size", lambda f: (f.rows, f.columns)),
         ("echo", lambda f: f.echo),
@@ -481,7 +479,7 @@ def _add_groups(
     if not frames:
         return
     folder = Path(os.path.commonpath([str(m.path.parent) for m in members]))
-    parts = _split(frames)
+    parts = _split(frames, {m.path: m.image_type for m in members})
     by_path = {m.path: m for m in members}
     for index, (part_frames, reason) in enumerate(parts, start=1):
         located = {f.path: by_path[f.path].pixels for f in part_frames if by_path[f.path].pixels is not None}

@@ -9,12 +9,15 @@ exactly (an integer type when slope and intercept are whole numbers, float32 oth
 Series that cannot be one volume are refused with a ``DicomSeriesError`` that names the
 series and the problem: mixed orientations or sizes, slices stacked off their normal (gantry
 tilt, unless ``resample_tilt`` asks to resample it), missing slices or uneven spacing, two
-frames at one position with nothing to tell them apart, fewer slices than ``min_slices``.
+frames at one position with nothing to tell them apart, fewer slices than ``min_slices``,
+positions too far apart for a finite slice step; and a file whose pixel data is shorter than
+its header says is refused before any memory is taken for it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -158,6 +161,12 @@ def stack_geometry(
     affine[:3, 1] = col_dir * first.spacing[0]
     affine[:3, 2] = slice_step
     affine[:3, 3] = positions[0]
+    if not (np.all(np.isfinite(affine)) and abs(np.linalg.det(affine[:3, :3])) > 0):
+        # positions each finite, but so far apart that their differences are not (1e308 and -1e308)
+        raise DicomSeriesError(
+            f"{name}: expected slice positions a finite step apart, found a step of {slice_step.tolist()} mm "
+            f"from {positions[0].tolist()} ({slices[0][0].path}) to {positions[-1].tolist()} ({slices[-1][0].path})"
+        )
     return slices, affine, tilt_shifts
 
 
@@ -249,6 +258,9 @@ class PixelLocation:
         expected = count * np.dtype(self.dtype).itemsize
         if not expected <= self.length <= expected + 1:  # one byte of padding to an even length
             raise ValueError(f"expected {expected} bytes for {self.rows} x {self.columns} pixels, found {self.length}")
+        available = max(os.stat(path).st_size - self.offset, 0)
+        if available < expected:  # before numpy takes the memory the header declares
+            raise ValueError(f"expected {expected} bytes of pixel data, the file ends after {available}")
         pixels = np.fromfile(path, dtype=self.dtype, count=count, offset=self.offset)
         if pixels.size != count:
             raise ValueError(f"expected {expected} bytes of pixel data, the file ends after {pixels.nbytes}")

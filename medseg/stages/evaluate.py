@@ -206,10 +206,12 @@ def evaluate(
         names = {v: str(v) for v in sorted(found - {0})}
     rows: list[dict] = []
     effects: list[dict[int, tuple[float, float]]] = []
+    left_out: dict[str, str] = {}
     for case_id, pred_path in sorted(preds.items()):
         qc = read_case_qc(pred_path.parent, case_id) or {}
         if case_id not in refs:
-            log.error("case %s: no reference label for %s; left out", case_id, pred_path)
+            left_out[case_id] = f"{pred_path}: no reference label for this case"
+            log.error("case %s left out: %s", case_id, left_out[case_id])
             continue
         try:
             pred_img, ref_img = load_nifti(pred_path), load_nifti(refs[case_id])
@@ -224,6 +226,7 @@ def evaluate(
             except GeometryMismatchError as err:
                 raise GeometryMismatchError(f"{pred_path}: {err}") from None
         except DataError as err:
+            left_out[case_id] = str(err)
             log.error("case %s left out: %s", case_id, err)
             continue
         effects.append(case_effect(pred, ref, list(names)))
@@ -242,7 +245,12 @@ def evaluate(
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    summary = summarize(rows, names)
+    # Every case the numbers leave out is named, so a mean over fewer cases is never taken for all of them.
+    not_predicted = sorted(set(refs) - set(preds))
+    if not_predicted:
+        log.warning("%d reference case(s) have no predicted mask and are not in the numbers: %s%s", len(not_predicted),
+                    ", ".join(not_predicted[:5]), ", ..." if len(not_predicted) > 5 else "")
+    summary = {**summarize(rows, names), "left_out": left_out, "not_predicted": not_predicted}
     write_json(out_dir / "summary.json", summary)
     decision = decide(effects, names)
     write_json(out_dir / POSTPROCESSING, decision)

@@ -29,7 +29,7 @@ from medseg.errors import DataError
 from medseg.io import write_json
 from medseg.manifest import CaseRecord, FailedCase, Manifest, save_manifest
 from medseg.review.feedback import ReviewedCase
-from medseg.stages.ingest import IngestResult, ingest_case, write_case
+from medseg.stages.ingest_cases import IngestResult, ingest_case, write_case
 from medseg.stages.ingest_reviewed import add_reviewed, read_reviewed, review_labels
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,16 @@ def _damaged_beside(group: SeriesGroup, refused: list[tuple[str, str]]) -> list[
     return [(path, why) for path, why in refused if Path(path).parent in folders]
 
 
+def _log_refused_files(refused: list[tuple[str, str]]) -> None:
+    """One error line per folder of refused files (a series of 300 bad slices is one line, not 300)."""
+    by_folder: dict[str, list[str]] = {}
+    for path, reason in refused:
+        by_folder.setdefault(str(Path(path).parent), []).append(reason)
+    for folder, reasons in by_folder.items():
+        more = f" ({len(reasons)} files refused; see report.json)" if len(reasons) > 1 else ""
+        log.error("DICOM files left out: %s%s", reasons[0], more)
+
+
 def ingest_dicom(root: Path, out_dir: Path, config: IngestConfig | None = None, *, workers: int = 4) -> IngestResult:
     """Convert every series under ``root`` into ``out_dir``; write the manifest and ``report.json``."""
     config = config or IngestConfig()
@@ -172,6 +182,7 @@ def _ingest(
     records, names = _add_reviewed(records, failed, names, reviewed, out_dir, config)
     for path, reason in found.refused:
         failed.append(FailedCase(case_id="", file=path, error=reason))
+    _log_refused_files(found.refused)
     report = {
         "root": str(Path(root).resolve()),
         "converted": [{"case_id": r.case_id, "image": r.image, "label": r.label, "shape": r.shape,

@@ -30,7 +30,7 @@ records every choice and why, under ``decisions``:
   any other modality is z-scored per case and channel.
 - **Folds**: cases sorted by id, shuffled with ``seed``, dealt into ``n_folds`` folds.
 
-Outputs: ``plan.json`` (a ``Plan``) and ``splits.json`` (one ``{"train", "val"}`` per fold).
+Outputs: ``plan.json`` (a ``Plan``, ``medseg.plans``) and ``splits.json`` (one ``{"train", "val"}`` per fold).
 """
 
 from __future__ import annotations
@@ -39,19 +39,21 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import nibabel as nib
 import numpy as np
-from pydantic import BaseModel, ConfigDict
 
 from medseg.config import PlanConfig
 from medseg.errors import DataError
-from medseg.io import load_nifti, read_json, write_json
+from medseg.io import load_nifti, write_json
 from medseg.manifest import CaseRecord, load_manifest
+from medseg.plans import ClassOrder, Fingerprint, NetworkTopology, Plan, load_plan, load_splits
 
-if TYPE_CHECKING:
-    from medseg.planning import Topology
+__all__ = [
+    "ClassOrder", "Fingerprint", "NetworkTopology", "Plan", "PlanResult", "decide", "load_plan", "load_splits",
+    "make_splits", "memory_budget", "plan", "ras_spacing_and_shape",
+]
 
 log = logging.getLogger(__name__)
 
@@ -59,81 +61,6 @@ FOREGROUND_SAMPLES_PER_CASE = 10_000
 
 
 MIRROR_CONSISTENCY = 0.9
-
-
-class ClassOrder(BaseModel):
-    """Along one RAS axis, the pair of foreground classes with the most constant order: class
-    ``classes[1]``'s centroid minus class ``classes[0]``'s, over the ``cases`` holding both."""
-
-    model_config = ConfigDict(extra="forbid")
-    axis: int
-    classes: tuple[int, int]
-    cases: int
-    mean_offset_mm: float
-    same_side: float  # the share of those cases whose offset has the sign of the mean
-
-
-class Fingerprint(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    n_cases: int
-    spacing_median_mm: list[float]
-    spacing_p10_mm: list[float]
-    shape_median: list[float]
-    shape_min: list[int]
-    shape_max: list[int]
-    foreground_intensity: list[dict[str, float]]
-    class_frequency: dict[int, float]
-    class_order: list[ClassOrder] = []
-    # per foreground class, the smallest and largest volume (mL) of the labelled cases; predict's
-    # quality control flags a mask outside it ({} in a plan from before plans had it)
-    class_volume_ml: dict[int, tuple[float, float]] = {}
-
-
-class NetworkTopology(BaseModel):
-    """The planned U-Net's stages (``medseg.planning.Topology``), per axis of the plan's dims."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    strides: tuple[tuple[int, ...], ...]
-    kernels: tuple[tuple[int, ...], ...]
-    features: tuple[int, ...]
-
-
-class Plan(BaseModel):
-    """Settings chosen for a dataset; preprocess, train and predict read it."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    modality: str
-    channels: int
-    labels: dict[int, str]
-    target_spacing_mm: tuple[float, float, float]
-    patch_size: tuple[int, int, int]
-    batch_size: int
-    normalization: Literal["ct", "zscore"]
-    ct_clip: list[tuple[float, float]] | None = None
-    ct_mean: list[float] | None = None
-    ct_std: list[float] | None = None
-    dims: Literal[2, 3]
-    median_shape_resampled: list[int]
-    mirror_axes: tuple[int, ...] | None = None  # None: a plan from before plans had it; every axis
-    topology: NetworkTopology | None = None
-    memory_budget_gb: float | None = None
-    estimated_memory_gb: float | None = None  # the planned network's training at this patch and batch
-    decisions: dict[str, str] = {}
-    fingerprint: Fingerprint
-
-    @property
-    def n_classes(self) -> int:
-        return max(self.labels) + 1
-
-    def unet_topology(self) -> Topology:
-        """The planned U-Net's topology; for a plan written before plans had one, the rules'
-        topology of its spacing and patch."""
-        from medseg.planning import Topology, topology
-
-        if self.topology is not None:
-            return Topology(self.topology.strides, self.topology.kernels, self.topology.features)
-        axes = [a for a in range(3) if self.patch_size[a] != 1]
-        return topology([self.target_spacing_mm[a] for a in axes], [self.patch_size[a] for a in axes])[0]
 
 
 @dataclass(frozen=True)
@@ -373,6 +300,13 @@ def decide(fingerprint: Fingerprint, spacings: np.ndarray, shapes: np.ndarray, p
     decisions["memory_budget_gb"] = budget_why
 
     def estimate(topo: Any, patch: tuple[int, ...]) -> tuple[int, int]:
+        if len(topo.strides) < 3:  # MONAI's U-Nets need two downsampling steps at least
+            edge = 4 * config.min_feature_edge
+            raise DataError(
+                f"expected images large enough for a U-Net of 2 downsampling steps (at least {edge} voxels on two "
+                f"axes at the target spacing), found a patch of {' x '.join(map(str, patch))} voxels, which allows "
+                f"{len(topo.strides) - 1}; lower plan.min_feature_edge or plan.target_spacing_mm"
+            )
         return training_bytes(topo, patch, channels, n_classes)
 
     def full(patch_axes: Sequence[int]) -> tuple[int, int, int]:
@@ -462,7 +396,10 @@ def plan(manifest_path: Path, out_dir: Path, config: PlanConfig | None = None) -
         raise DataError(f"{manifest_path}: expected labelled cases, found none")
     n_classes = max(manifest.labels) + 1
     fingerprint, spacings, shapes, pooled = _fingerprint(labelled, root, n_classes, config.seed)
-    chosen = decide(fingerprint, spacings, shapes, pooled, manifest.modality, manifest.labels, config)
+    try:
+        chosen = decide(fingerprint, spacings, shapes, pooled, manifest.modality, manifest.labels, config)
+    except DataError as err:
+        raise DataError(f"{manifest_path}: {err}") from None
     splits = make_splits([r.case_id for r in labelled], config.n_folds, config.seed)
     out_dir = Path(out_dir)
     plan_path, splits_path = out_dir / "plan.json", out_dir / "splits.json"
@@ -475,17 +412,3 @@ def plan(manifest_path: Path, out_dir: Path, config: PlanConfig | None = None) -
         chosen.memory_budget_gb or 0,
     )
     return PlanResult(plan_path, splits_path, chosen)
-
-
-def load_plan(path: Path) -> Plan:
-    try:
-        return Plan.model_validate(read_json(path))
-    except ValueError as err:
-        raise DataError(f"{path} is not a medseg plan: {err}") from None
-
-
-def load_splits(path: Path, fold: int) -> dict[str, list[str]]:
-    splits = read_json(path)
-    if not 0 <= fold < len(splits):
-        raise DataError(f"{path}: expected a fold in 0..{len(splits) - 1}, found {fold}")
-    return splits[fold]

@@ -2,7 +2,7 @@
 
 Outputs in ``out_dir``: ``<case>.npz`` (``image`` float32 (C, X, Y, Z), ``label`` uint8
 (1, X, Y, Z)) and ``index.json`` (the settings used and each case's cached shape), which
-train reads.
+train reads (``medseg.preprocessed``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,12 @@ import numpy as np
 
 from medseg.config import PreprocessConfig
 from medseg.errors import DataError
-from medseg.io import atomic_path, read_json, write_json
+from medseg.io import atomic_path, write_json
 from medseg.manifest import load_manifest
-from medseg.stages.plan import Plan, load_plan
+from medseg.plans import Plan, load_plan
+from medseg.preprocessed import load_case, read_index
+
+__all__ = ["PreprocessResult", "load_case", "preprocess", "read_index"]
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,14 @@ def _one(args: tuple[str, Path, Path, Plan, bool, Path]) -> tuple[str, list[int]
     torch.set_num_threads(1)
     case_id, image, label, plan, crop, out = args
     chain = _chain(plan.model_dump_json(), crop)
-    data = chain({"image": str(image), "label": str(label)})
+    for path in (image, label):
+        if not path.is_file():
+            raise DataError(f"file not found: {path} (ingested, then moved or removed? run ingest again)")
+    try:
+        data = chain({"image": str(image), "label": str(label)})
+    except (RuntimeError, ValueError, OSError, EOFError) as err:  # MONAI wraps a failing step's error
+        reason = str(err.__cause__ or err).splitlines()[0]
+        raise DataError(f"{image}: could not be preprocessed: {reason}") from None
     img = np.asarray(data["image"].numpy(), dtype=np.float32)
     lab = np.asarray(data["label"].numpy()).round().astype(np.uint8)
     with atomic_path(out / f"{case_id}.npz") as tmp:
@@ -60,6 +70,11 @@ def preprocess(
     config = config or PreprocessConfig()
     manifest, root = load_manifest(manifest_path)
     plan = load_plan(plan_path)
+    if plan.channels != manifest.channels or plan.labels != manifest.labels:
+        raise DataError(
+            f"{plan_path}: expected a manifest of {plan.channels} channel(s) and labels {plan.labels}, found "
+            f"{manifest.channels} and {manifest.labels} in {manifest_path} (a plan of another dataset? plan it again)"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [
@@ -82,16 +97,3 @@ def preprocess(
     write_json(index_path, {"settings": config.model_dump(mode="json"), "cases": shapes})
     log.info("preprocessed %d cases -> %s", len(shapes), out_dir)
     return PreprocessResult(index_path, len(shapes))
-
-
-def read_index(path: Path) -> tuple[PreprocessConfig, dict[str, list[int]]]:
-    data = read_json(path)
-    return PreprocessConfig.model_validate(data["settings"]), data["cases"]
-
-
-def load_case(out_dir: Path, case_id: str) -> dict[str, np.ndarray]:
-    path = Path(out_dir) / f"{case_id}.npz"
-    if not path.exists():
-        raise DataError(f"preprocessed case not found: {path} (run preprocess again?)")
-    with np.load(path) as data:
-        return {"image": data["image"], "label": data["label"]}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import struct
 from pathlib import Path
 
 import nibabel as nib
@@ -74,7 +76,50 @@ def _break(src: Path, kind: str) -> Path:
     if kind == "not_gzip":
         image.write_bytes(b"this is not an image")
         return image
+    if kind in ("random_gz", "random_nii"):  # random bytes under a NIfTI name
+        image.unlink()
+        bad = image if kind == "random_gz" else image.with_name("case_001.nii")
+        bad.write_bytes(np.random.default_rng(5).bytes(4000))
+        _point_at(src, bad)
+        return bad
+    if kind == "empty_file":
+        image.write_bytes(b"")
+        return image
+    if kind == "huge_header":
+        image.write_bytes(huge_header(image.read_bytes()))
+        return image
+    if kind in ("float_noise", "inf", "constant", "two_d", "five_d"):
+        img = nib.load(str(image if kind in ("inf", "constant", "two_d", "five_d") else label))
+        data = img.get_fdata().astype(np.float32)
+        if kind == "float_noise":  # a label resampled with interpolation: fractions at the edges
+            write_nifti(label, data + np.float32(0.25) * (data > 0))
+            return label
+        if kind == "inf":
+            data[2, 2, 2] = -np.inf
+        elif kind == "constant":
+            data[:] = 0
+        elif kind == "two_d":
+            data = data[:, :, 0]
+        else:
+            data = data[..., None, None].repeat(2, axis=-1)
+        write_nifti(image, data)
+        return image
     raise AssertionError(kind)
+
+
+def _point_at(src: Path, image: Path) -> None:
+    """Make dataset.json list ``image`` as case_001's image."""
+    info = json.loads((src / "dataset.json").read_text())
+    info["training"][1]["image"] = f"./imagesTr/{image.name}"
+    (src / "dataset.json").write_text(json.dumps(info))
+
+
+def huge_header(nifti_gz: bytes) -> bytes:
+    """A .nii.gz whose header declares 30000 x 30000 x 30000 voxels (about 100 TB of float32) over the
+    file's few kilobytes of voxels."""
+    raw = bytearray(gzip.decompress(nifti_gz))
+    struct.pack_into("<4h", raw, 40, 3, 30000, 30000, 30000)  # dim[0..3] of the NIfTI-1 header
+    return gzip.compress(bytes(raw))
 
 
 EXPECTED = {
@@ -85,17 +130,31 @@ EXPECTED = {
     "nan": "NaN or infinite",
     "affine": "expected the image's affine",
     "not_gzip": "cannot read",
+    "random_gz": "cannot read",
+    "random_nii": "cannot read",
+    "empty_file": "Empty file",
+    "huge_header": "its header declares 30000 x 30000 x 30000 voxels",
+    "float_noise": "expected whole-number label values, found fractions",
+    "inf": "found 1 NaN or infinite voxels",
+    "constant": "expected an image whose intensities vary, found every voxel 0",
+    "two_d": "expected a 3D image (or 4D with channels last), found 2D",
+    "five_d": "expected a 3D image (or 4D with channels last), found 5D",
 }
 
 
 @pytest.mark.parametrize("kind", sorted(EXPECTED))
-def test_bad_case_is_reported_and_others_go_on(tmp_path: Path, kind: str) -> None:
+def test_bad_case_is_reported_and_others_go_on(tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str],
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Through the command: the bad case gets one log line naming its file and problem, the other
+    cases are ingested, the manifest lists the refusal, and the raw inputs are untouched."""
     src = synthetic_msd(tmp_path / "msd", n_cases=4)
     bad_file = _break(src, kind)
     before = _hashes(src)
-    result = ingest(src, tmp_path / "out")
-    manifest, _ = load_manifest(result.manifest_path)
-    assert result.n_cases == 3 and result.n_failed == 1
+    assert main(["ingest", str(src), "--output", str(tmp_path / "out"), "--workers", "1"]) == 0
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and str(bad_file) in errors[0] and EXPECTED[kind] in errors[0], errors
+    assert "ingested 3 cases (1 left out)" in capsys.readouterr().out
+    manifest, _ = load_manifest(tmp_path / "out" / "manifest.json")
     assert sorted(c.case_id for c in manifest.cases) == ["case_000", "case_002", "case_003"]
     (failed,) = manifest.failed
     assert failed.case_id == "case_001"
@@ -103,6 +162,7 @@ def test_bad_case_is_reported_and_others_go_on(tmp_path: Path, kind: str) -> Non
     assert str(bad_file) in failed.error and EXPECTED[kind] in failed.error
     assert "\n" not in failed.error
     assert _hashes(src) == before  # raw inputs untouched
+    assert not (tmp_path / "out" / "images" / "case_001.nii.gz").exists()
 
 
 def test_cli_reports_one_line_per_bad_case(tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
@@ -196,20 +256,20 @@ def test_dicom_folder_of_series(shared_data: Path, tmp_path: Path) -> None:
 def test_percentiles_equal_numpy_on_exact_values(monkeypatch: pytest.MonkeyPatch, dtype: type, size: int) -> None:
     """Counted percentiles (integers, in chunks of 1,000 here) equal numpy's linear ones computed in
     float64; integer data is counted, so no sort and no overflow of int16 differences."""
-    from medseg.stages import ingest as ingest_module
+    from medseg.stages import ingest_cases
 
-    monkeypatch.setattr(ingest_module, "HISTOGRAM_CHUNK", 1000)
+    monkeypatch.setattr(ingest_cases, "HISTOGRAM_CHUNK", 1000)
     rng = np.random.default_rng(size)
     info = np.iinfo(dtype) if np.issubdtype(dtype, np.integer) else None
     low, high = (info.min, info.max) if info is not None and info.bits <= 16 else (-70_000, 70_000)
     values = rng.integers(low, high, size=size, endpoint=True).astype(dtype)
     q = [0, 0.5, 33.3, 50, 99.5, 100]
     expected = np.percentile(values.astype(np.float64), q)
-    np.testing.assert_allclose(ingest_module.percentiles(values, q), expected, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(ingest_cases.percentiles(values, q), expected, rtol=1e-12, atol=1e-9)
 
 
 def test_percentiles_of_int16_do_not_overflow() -> None:
-    from medseg.stages.ingest import percentiles
+    from medseg.stages.ingest_cases import percentiles
 
     values = np.array([-31685, -30083, -27838, -21282, -15088, -12595, 20529], dtype=np.int16)
     # numpy interpolates int16 in int16: 20529 - (-12595) wraps, and its 99.5th percentile exceeds the maximum.
@@ -218,7 +278,7 @@ def test_percentiles_of_int16_do_not_overflow() -> None:
 
 
 def test_percentiles_of_a_wide_integer_range_use_numpy() -> None:
-    from medseg.stages.ingest import HISTOGRAM_MAX_RANGE, percentiles
+    from medseg.stages.ingest_cases import HISTOGRAM_MAX_RANGE, percentiles
 
     values = np.array([0, 5, HISTOGRAM_MAX_RANGE * 4, 7], dtype=np.int64)
     assert percentiles(values, [50, 100]) == [6.0, float(HISTOGRAM_MAX_RANGE * 4)]

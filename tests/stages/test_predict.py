@@ -173,7 +173,7 @@ def test_bad_scans_are_reported_by_name_and_the_others_go_on(box_model: Path, tm
         "two_channels": "two_channels.nii.gz: expected a 3D scan for this model, found shape (40, 40, 32, 2)",
         "flat": "flat.nii.gz: expected a 3D scan for this model, found shape (40, 40)",
         "with_nan": "with_nan.nii.gz: expected finite voxel values, found NaN or infinite ones",
-        "blank": "blank.nii.gz: could not be preprocessed: every voxel is 0",
+        "blank": "blank.nii.gz: expected a scan whose intensities vary, found every voxel is 0",
     }
     assert sorted(result.failed) == sorted(expected)
     for case_id, message in expected.items():

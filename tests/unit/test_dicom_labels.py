@@ -30,7 +30,7 @@ from medseg.dicom.labels import (
     read_seg,
     referenced_series_uid,
 )
-from medseg.dicom.scan import RTSTRUCT_STORAGE
+from medseg.dicom.sop import RTSTRUCT_STORAGE
 from medseg.errors import ConfigError, DataError, DicomLabelError
 
 SEG = Path("dicom/dicom_seg")

@@ -303,3 +303,23 @@ def test_strip_nifti_suffix(name: str, expected: str) -> None:
 )
 def test_is_nifti(name: str, expected: bool) -> None:
     assert is_nifti(Path("/x") / name) is expected
+
+
+@pytest.mark.parametrize(("srow_x", "expected"), [
+    ((np.inf, 0.0, 0.0, 0.0), "expected a finite voxel-to-world affine"),
+    ((0.0, 0.0, 0.0, 0.0), "expected an invertible voxel-to-world affine"),
+    ((3e38, 0.0, 0.0, 0.0), "expected voxel sizes up to"),
+])
+def test_load_nifti_refuses_a_header_affine_that_means_nothing(tmp_path: Path, srow_x: tuple, expected: str) -> None:
+    """Found by fuzzing (tests/fuzz/fuzz_nifti.py): an sform with an infinite entry made numpy's SVD
+    in nibabel's qform spin for minutes; now such headers are refused by name at once."""
+    import struct
+
+    path = tmp_path / "bad.nii"
+    nib.save(nib.Nifti1Image(np.ones((3, 3, 3), np.float32), np.eye(4)), str(path))
+    raw = bytearray(path.read_bytes())
+    struct.pack_into("<4f", raw, 280, *srow_x)  # srow_x of the NIfTI-1 header (sform_code is 1)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=expected) as err:
+        load_nifti(path)
+    assert str(path) in str(err.value)

@@ -20,7 +20,7 @@ import torch
 
 from conftest import write_nifti
 from medseg.config import AugmentConfig
-from medseg.stages.plan import Fingerprint, Plan
+from medseg.plans import Fingerprint, Plan
 from medseg.transforms import preprocessing, training_augmentation
 
 LABELS = {0: "background", 1: "left", 2: "right"}
