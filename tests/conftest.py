@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import struct
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -79,6 +81,14 @@ def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) 
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4) if affine is None else affine), str(path))
     return path
+
+
+def huge_header(nifti_gz: bytes) -> bytes:
+    """A .nii.gz whose header declares 30000 x 30000 x 30000 voxels (about 100 TB of float32) over the
+    file's few kilobytes of voxels."""
+    raw = bytearray(gzip.decompress(nifti_gz))
+    struct.pack_into("<4h", raw, 40, 3, 30000, 30000, 30000)  # dim[0..3] of the NIfTI-1 header
+    return gzip.compress(bytes(raw))
 
 
 def hippocampus_subset(shared: Path, dest: Path, case_ids: list[str]) -> Path:

@@ -414,13 +414,12 @@ def _sop_class_name(ds: pydicom.Dataset) -> str:
         return str(uid)
 
 
-def _split(frames: list[Frame], image_type: dict[Path, str] | None = None) -> list[tuple[list[Frame], str]]:
+def _split(frames: list[Frame], image_type: dict[Path, str]) -> list[tuple[list[Frame], str]]:
     """Split one series' frames by image type (magnitude and phase, say, as dcm2niix does), then
     orientation, then size, then echo; return parts and the reason."""
     parts: list[tuple[list[Frame], str]] = [(frames, "")]
-    types = image_type or {}
     keys = (
-        ("image type", lambda f: types.get(f.path, "")),
+        ("image type", lambda f: image_type.get(f.path, "")),
         ("orientation", lambda f: tuple(np.round(f.orientation, 3))),
         ("image size", lambda f: (f.rows, f.columns)),
         ("echo", lambda f: f.echo),

@@ -24,7 +24,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import SHAPE, boxes, synthetic_msd, write_ct_slice, write_nifti
+from conftest import SHAPE, boxes, huge_header, synthetic_msd, write_ct_slice, write_nifti
 from pydicom.uid import generate_uid
 
 from medseg.cli import main
@@ -316,8 +316,6 @@ def test_a_random_file_named_dcm_is_ignored_and_listed(tmp_path: Path, caplog: p
 
 
 def _scan_huge_header(folder: Path) -> str:
-    from test_ingest_stage import huge_header
-
     path = write_nifti(folder / "huge.nii.gz", boxes(np.random.default_rng(5))[0])
     path.write_bytes(huge_header(path.read_bytes()))
     return "its header declares 30000 x 30000 x 30000 voxels"
@@ -410,8 +408,6 @@ def test_a_header_declaring_huge_dimensions_is_refused_before_allocating(tmp_pat
     """A .nii.gz of a few kB whose header declares 30000^3 voxels (100 TiB): ingest and predict each
     name it and go on with the other cases, with a peak memory of the process far below the declared
     size (measured; printed)."""
-    from test_ingest_stage import huge_header
-
     src = synthetic_msd(tmp_path / "msd", n_cases=3, shape=(12, 12, 8))
     image = src / "imagesTr" / "case_001.nii.gz"
     image.write_bytes(huge_header(image.read_bytes()))

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import gzip
 import json
-import struct
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import hippocampus_subset, synthetic_msd, write_nifti
+from conftest import hippocampus_subset, huge_header, synthetic_msd, write_nifti
 
 from medseg.cli import main
 from medseg.config import IngestConfig
@@ -112,14 +110,6 @@ def _point_at(src: Path, image: Path) -> None:
     info = json.loads((src / "dataset.json").read_text())
     info["training"][1]["image"] = f"./imagesTr/{image.name}"
     (src / "dataset.json").write_text(json.dumps(info))
-
-
-def huge_header(nifti_gz: bytes) -> bytes:
-    """A .nii.gz whose header declares 30000 x 30000 x 30000 voxels (about 100 TB of float32) over the
-    file's few kilobytes of voxels."""
-    raw = bytearray(gzip.decompress(nifti_gz))
-    struct.pack_into("<4h", raw, 40, 3, 30000, 30000, 30000)  # dim[0..3] of the NIfTI-1 header
-    return gzip.compress(bytes(raw))
 
 
 EXPECTED = {
