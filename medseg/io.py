@@ -266,7 +266,9 @@ def load_nifti(path: Path) -> nib.Nifti1Image:
         raise DataError(f"file not found: {path}")
     if not os.access(path, os.R_OK):
         raise DataError(f"cannot read {path}: permission denied (mode {path.stat().st_mode & 0o777:o})")
-    readable = (EOFError, zlib.error, gzip.BadGzipFile, OSError, ValueError, nib.filebasedimages.ImageFileError)
+    # HeaderDataError: an unknown data type code; OverflowError: numpy's memmap of an absurd vox_offset
+    readable = (EOFError, zlib.error, gzip.BadGzipFile, OSError, ValueError, OverflowError,
+                nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError)
     try:
         img = nib.load(str(path))  # the header only: nibabel reads the voxels on access
     except readable as err:

@@ -164,7 +164,9 @@ def frames_of(ds: Header, path: Path) -> list[Frame]:
     where = str(path)
     rows, columns = ds.get("Rows") or 0, ds.get("Columns") or 0
     if not (isinstance(rows, int) and isinstance(columns, int) and rows > 0 and columns > 0):  # not a list either
-        raise DicomSeriesError(f"{where}: expected positive Rows and Columns, found {rows} x {columns}")
+        # a damaged Rows can hold a sequence, which pydicom parses (and fails on) when it is printed
+        shown = [v if isinstance(v, int) else type(v).__name__ for v in (rows, columns)]
+        raise DicomSeriesError(f"{where}: expected positive Rows and Columns, found {shown[0]} x {shown[1]}")
     sop_uid = str(ds.get("SOPInstanceUID", ""))
     n_frames = int(_float(ds.get("NumberOfFrames"), 1))
     if "PerFrameFunctionalGroupsSequence" in ds or n_frames > 1:

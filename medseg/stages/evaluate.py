@@ -246,7 +246,9 @@ def evaluate(
             writer.writeheader()
             writer.writerows(rows)
     # Every case the numbers leave out is named, so a mean over fewer cases is never taken for all of them.
-    not_predicted = sorted(set(refs) - set(preds))
+    # A labels folder's references all await a mask; a manifest's are every case, of which the workflow
+    # predicts the held-out ones of the folds it trains (a failed prediction is in its folder's failed/).
+    not_predicted = sorted(set(refs) - set(preds)) if labels_dir is not None else []
     if not_predicted:
         log.warning("%d reference case(s) have no predicted mask and are not in the numbers: %s%s", len(not_predicted),
                     ", ".join(not_predicted[:5]), ", ..." if len(not_predicted) > 5 else "")

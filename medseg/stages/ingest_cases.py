@@ -66,6 +66,8 @@ def _load_image(case: CaseSource, config: IngestConfig) -> _Volume:
 
 
 def _check_finite(volume: _Volume) -> None:
+    if volume.data.size == 0:
+        raise DataError(f"{volume.path}: expected an image with voxels, found shape {volume.data.shape[:3]}")
     bad = ~np.isfinite(volume.data)
     if bad.any():
         raise DataError(f"{volume.path}: expected finite intensities, found {int(bad.sum())} NaN or infinite voxels")

@@ -41,10 +41,15 @@ def _chain(plan_json: str, crop: bool) -> Any:
     return preprocessing(Plan.model_validate_json(plan_json), crop_foreground=crop, with_label=True)
 
 
-def _one(args: tuple[str, Path, Path, Plan, bool, Path]) -> tuple[str, list[int]]:
+def _one_thread() -> None:
+    """A pool worker's torch runs one thread: the workers share the cores. (Set in workers only, so a
+    caller in whose process ``workers=1`` runs the cases keeps its own thread count.)"""
     import torch
 
     torch.set_num_threads(1)
+
+
+def _one(args: tuple[str, Path, Path, Plan, bool, Path]) -> tuple[str, list[int]]:
     case_id, image, label, plan, crop, out = args
     chain = _chain(plan.model_dump_json(), crop)
     for path in (image, label):
@@ -86,7 +91,7 @@ def preprocess(
         raise DataError(f"{manifest_path}: no labelled case to preprocess")
     shapes: dict[str, list[int]] = {}
     if config.workers > 1:
-        with ProcessPoolExecutor(config.workers) as pool:
+        with ProcessPoolExecutor(config.workers, initializer=_one_thread) as pool:
             for case_id, shape in pool.map(_one, jobs, chunksize=4):
                 shapes[case_id] = shape
     else:

@@ -688,8 +688,13 @@ def _write_outputs(fold: _Fold, progress: _Progress, tracker: _Tracker | None, t
         best_state = torch.load(fold.best_path, map_location="cpu", weights_only=False)
         final = build_from_spec(fold.spec)
         final.load_state_dict(best_state["model"])
-        wait(lambda: mlflow.log_metrics({"best_val_dice": progress.best_dice, "best_epoch": progress.best_epoch}),
-             what="logging the best score")
+        # only what the run lacks: a try killed after this line (while registering) logged it already
+        best = {"best_val_dice": progress.best_dice, "best_epoch": float(progress.best_epoch)}
+        logged = wait(lambda: mlflow.tracking.MlflowClient().get_run(progress.run_id).data.metrics,
+                      what="reading the run's metrics")
+        missing = {k: v for k, v in best.items() if logged.get(k) != v}
+        if missing:
+            wait(lambda: mlflow.log_metrics(missing), what="logging the best score")
         wait(lambda: mlflow.log_artifact(str(fold.out_dir / "history.json")), what="logging history.json")
         model_uri = wait(lambda: _register(final, fold.spec, tracking.config.model_name, progress.run_id),
                          what="logging and registering the model")

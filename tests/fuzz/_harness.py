@@ -12,8 +12,7 @@ its ``-malloc_limit_mb`` does nothing in Python). A ``MemoryError`` is a crash l
 that is not a ``MedsegError``.
 
 Environment: ``MEDSEG_FUZZ_DIR`` (corpus and crashes), ``MEDSEG_FUZZ_AS_MB`` (the address-space
-bound), ``MEDSEG_FUZZ_KNOWN=skip`` (the reported crashes of ``KNOWN`` count as handled) and
-``MEDSEG_FUZZ_SHALLOW=1`` (coverage of medseg alone, see ``instrumented``).
+bound) and ``MEDSEG_FUZZ_SHALLOW=1`` (coverage of medseg alone, see ``instrumented``).
 """
 
 from __future__ import annotations
@@ -185,27 +184,3 @@ def quiet() -> None:
 
     warnings.simplefilter("ignore")
     logging.disable(logging.CRITICAL)
-
-
-# Crashes found here whose fix lies outside the DICOM reader (reported; see tests/unit/test_fuzz_regressions.py,
-# where each is a strict xfail): (exception type, medseg function the traceback passes through).
-# With MEDSEG_FUZZ_KNOWN=skip (the short run of the test suite sets it) they count as handled, so
-# fuzzing goes on past them; by default they are crashes like any other. Remove an entry with its fix.
-KNOWN_ENV = "MEDSEG_FUZZ_KNOWN"
-KNOWN: list[tuple[str, str]] = [
-    ("HeaderDataError", "load_nifti"),  # medseg/io.py: nibabel's header errors (unknown data type code) not caught
-    ("OverflowError", "load_nifti"),  # medseg/io.py: a data offset beyond any file (numpy.memmap overflows)
-    ("HeaderDataError", "save_nifti"),  # medseg/stages/ingest_cases.py: a singular affine accepted, refused on writing
-    ("TypeError", "write_case"),  # the same: an affine with a zero axis has no orientation code (aff2axcodes: None)
-    ("IndexError", "percentiles"),  # medseg/stages/ingest_cases.py: an image with no voxels (a zero dimension) accepted
-]
-
-
-def is_known(err: BaseException) -> bool:
-    """True for a crash listed in ``KNOWN`` when ``MEDSEG_FUZZ_KNOWN=skip``."""
-    if os.environ.get(KNOWN_ENV) != "skip":
-        return False
-    import traceback
-
-    functions = {f.name for f in traceback.extract_tb(err.__traceback__) if "/medseg/" in f.filename}
-    return any(type(err).__name__ == kind and where in functions for kind, where in KNOWN)

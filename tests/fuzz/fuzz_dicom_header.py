@@ -82,9 +82,6 @@ def test_one_input(data: bytes) -> None:
         _read_file(PATH)
     except MedsegError:
         pass
-    except Exception as err:
-        if not _harness.is_known(err):
-            raise
 
 
 def main() -> None:

@@ -181,10 +181,6 @@ def test_one_input(data: bytes) -> None:
         volume = read_series(FOLDER, workers=1, **options)
     except MedsegError:
         return
-    except Exception as err:
-        if not _harness.is_known(err):
-            raise
-        return
     affine = volume.affine
     if not (np.all(np.isfinite(affine)) and abs(np.linalg.det(affine[:3, :3])) > 0):
         raise AssertionError(f"read_series returned a volume with an unusable affine {affine.tolist()}")

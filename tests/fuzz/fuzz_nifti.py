@@ -100,17 +100,11 @@ def test_one_input(data: bytes) -> None:
         load_nifti(path)
     except MedsegError:
         pass
-    except Exception as err:
-        if not _harness.is_known(err):
-            raise
     case = CaseSource("case", (path,), path if mode & 4 else None)
     try:
         ingest_case(case, OUT, LABELS, CONFIG)
     except MedsegError:
         pass
-    except Exception as err:
-        if not _harness.is_known(err):
-            raise
     if OUT.exists() and len(os.listdir(OUT)) > 0 and mode & 0x80:
         shutil.rmtree(OUT)  # now and then, so the outputs never pile up
 

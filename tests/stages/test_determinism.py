@@ -153,9 +153,6 @@ def test_loader_workers_change_the_augmentation_draws(runs: dict[str, Path], bas
     assert loss["0"] != loss["2"]  # other samples, not rounding: the first epoch of one thread
 
 
-@pytest.mark.xfail(strict=True, reason="medseg/stages/preprocess.py: _one() calls torch.set_num_threads(1) in the "
-                   "calling process when workers=1, so a training after preprocess() in the same process runs on "
-                   "one thread (other weights, see the thread test): set it in pool workers only, or restore it")
 def test_preprocess_leaves_the_callers_torch_threads(tmp_path: Path) -> None:
     src = synthetic_msd(tmp_path / "msd", n_cases=2, shape=(16, 16, 8))
     from medseg.stages.ingest import ingest

@@ -2,10 +2,6 @@
 
 A crash is any exception other than a ``MedsegError`` (or an allocation of the size a damaged
 header declares); each test asserts the clear medseg error that replaced it, and its message.
-The tests marked ``xfail(strict=True)`` are crashes whose fix lies outside the DICOM reader (in
-``medseg/io.py`` or ``medseg/stages/ingest_cases.py``; proposed in the fuzzing report): they fail
-while the crash is there and turn into an error (XPASS) once it is fixed, when their mark and
-their entry in ``tests/fuzz/_harness.py``'s ``KNOWN`` are to be removed.
 """
 
 from __future__ import annotations
@@ -19,7 +15,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import write_ct_slice
-from nibabel.spatialimages import HeaderDataError
 from pydicom.dataset import Dataset
 from pydicom.uid import EnhancedCTImageStorage
 
@@ -191,8 +186,6 @@ def _nifti(path: Path, *fields: tuple[int, str, tuple]) -> Path:
 
 
 DATATYPE, DIM, VOX_OFFSET, SROW_X, SROW_Y = 70, 40, 108, 280, 296
-PROPOSED_IO = "fix proposed for medseg/io.py (fuzzing report)"
-PROPOSED_INGEST = "fix proposed for medseg/stages/ingest_cases.py (fuzzing report)"
 
 
 def _ingest(path: Path, tmp_path: Path) -> None:
@@ -201,7 +194,6 @@ def _ingest(path: Path, tmp_path: Path) -> None:
         ingest_case(CaseSource("case", (path,), None), tmp_path / "out", {0: "background", 1: "one"}, IngestConfig())
 
 
-@pytest.mark.xfail(strict=True, raises=HeaderDataError, reason=PROPOSED_IO)
 def test_an_unknown_nifti_data_type_code_is_a_data_error(tmp_path: Path) -> None:
     """datatype 16384: nibabel's HeaderDataError ('data code 16384 not recognized') left load_nifti."""
     path = _nifti(tmp_path / "case.nii", (DATATYPE, "<h", (16384,)))
@@ -209,7 +201,6 @@ def test_an_unknown_nifti_data_type_code_is_a_data_error(tmp_path: Path) -> None
         load_nifti(path)
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason=PROPOSED_IO)
 def test_a_nifti_data_offset_beyond_any_file_is_a_data_error(tmp_path: Path) -> None:
     """vox_offset 1e28: nibabel's header shows the fixed offset (0) that check_declared_size reads, the
     voxel reader uses the stored one, and numpy.memmap raised OverflowError."""
@@ -230,9 +221,22 @@ def test_a_nifti_without_a_usable_affine_is_refused_by_ingest(tmp_path: Path, ro
         _ingest(path, tmp_path)
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason=PROPOSED_INGEST)
 def test_a_nifti_with_no_voxels_is_refused_by_ingest(tmp_path: Path) -> None:
     """dim (3, 0, 3, 4): ingest accepted an empty image, then the intensity percentiles raised IndexError."""
     path = _nifti(tmp_path / "case.nii", (DIM, "<8h", (3, 0, 3, 4, 1, 1, 1, 1)))
     with pytest.raises(DataError, match=r"case\.nii.*\(0, 3, 4\)"):
         _ingest(path, tmp_path)
+
+
+def test_columns_that_hold_a_damaged_sequence_are_refused_by_name(tmp_path: Path) -> None:
+    """A file found by fuzzing the header reader (tests/unit/data, 2.3 kB): its Columns element holds a
+    sequence whose items run out. Printing that value in the refusal made pydicom parse it and raise
+    OSError or struct.error from inside the message; the refusal now names the value's type."""
+    from medseg.dicom import scan
+
+    path = tmp_path / "IM0.dcm"
+    path.write_bytes((Path(__file__).parent / "data" / "fuzz-columns-as-damaged-sequence.dcm").read_bytes())
+    found = scan(tmp_path)
+    assert not found.series
+    ((refused, reason),) = found.refused
+    assert refused == str(path) and f"{path}: expected positive Rows and Columns, found 256 x Sequence" in reason

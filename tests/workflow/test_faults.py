@@ -444,9 +444,6 @@ def test_training_killed_three_times_ends_as_the_uninterrupted_one_in_one_mlflow
     assert [p.name for p in (root / "killed").iterdir() if p.name.startswith(".")] == []
 
 
-@pytest.mark.xfail(strict=True, reason="medseg/stages/train.py logs best_val_dice and best_epoch again when a "
-                   "run killed after logging them (while the model was logged or registered) is resumed: log them "
-                   "only where the run lacks them")
 def test_a_training_resumed_after_its_registration_logs_the_best_score_once(campaign: Future[Campaign],
                                                                            prepared: Path, tmp_path: Path) -> None:
     """The campaign's finished training killed after its registration, before model.json was written
