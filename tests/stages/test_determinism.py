@@ -64,8 +64,7 @@ def _prepare(src: Path, root: Path, *, workers: int = 1, spacing_mm: tuple[float
 
     manifest = ingest(src, root / "ingest").manifest_path
     plan(manifest, root / "plan", PlanConfig(n_folds=2, target_spacing_mm=spacing_mm, batch_size=2))
-    with torch_threads(torch.get_num_threads()):  # preprocess leaves one torch thread (see the xfail below)
-        preprocess(manifest, root / "plan" / "plan.json", root / "pre", PreprocessConfig(workers=workers))
+    preprocess(manifest, root / "plan" / "plan.json", root / "pre", PreprocessConfig(workers=workers))
     return root
 
 

@@ -19,7 +19,7 @@ REFERENCE = re.compile(r"`(tests/[\w/]+\.py)::(\w+)(?:\[([^\]`]+)\])?`")
 def _rows() -> list[str]:
     rows = []
     for line in DOC.read_text().splitlines():
-        if line.startswith("| ") and not line.startswith("| Kind ") and not line.startswith("|---"):
+        if line.startswith("| ") and not line.startswith(("| Kind ", "| Property ")) and not line.startswith("|---"):
             rows.append(line)
     return rows
 

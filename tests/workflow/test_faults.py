@@ -439,7 +439,7 @@ def test_training_killed_three_times_ends_as_the_uninterrupted_one_in_one_mlflow
         assert [s for s, _ in killed[key]] == [s for s, _ in straight[key]], key
     assert [s for s, _ in killed["train_loss"]] == [s for s, _ in killed["val_dice"]] == list(range(1, EPOCHS + 1))
     assert killed["lr"] == straight["lr"]
-    for key in set(straight) - per_epoch:  # best_val_dice, best_epoch: at step 0 (see the xfail below)
+    for key in set(straight) - per_epoch:  # best_val_dice, best_epoch: at step 0 (once: the test below)
         assert {s for s, _ in killed[key]} == {0} and killed[key][-1][1] == straight[key][0][1], key
     assert [p.name for p in (root / "killed").iterdir() if p.name.startswith(".")] == []
 
