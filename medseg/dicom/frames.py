@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import pydicom
+from pydicom.multival import MultiValue
 
 from medseg.errors import DicomSeriesError
 
@@ -139,10 +140,23 @@ def _echo(ds: Header) -> float | None:
     return None
 
 
+def image_type(value: Any) -> list[str]:
+    """ImageType's values, upper case, however a reader gives them (a backslash-joined text, a list, a
+    pydicom MultiValue; one value of another VR in a damaged file); [] for none."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        values: list[Any] = value.split("\\")
+    elif isinstance(value, (list, tuple, MultiValue)):
+        values = list(value)
+    else:
+        values = [value]
+    return [str(v).strip().upper() for v in values]
+
+
 def _mosaic_tiles(ds: Header, where: str) -> tuple[int, np.ndarray] | None:
     """(number of tiles, slice normal) of a Siemens mosaic, or None when ``ds`` is not one."""
-    image_type = [str(v).upper() for v in ds.get("ImageType", [])]
-    if "MOSAIC" not in image_type:
+    if "MOSAIC" not in image_type(ds.get("ImageType")):
         return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # nibabel.nicom warns that it is experimental on import

@@ -36,7 +36,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import BytesLengthException, InvalidDicomError
 
-from medseg.dicom.frames import Frame, frames_of
+from medseg.dicom.frames import Frame, frames_of, image_type
 from medseg.dicom.header import read_image_header
 from medseg.dicom.labels import referenced_series_uid
 from medseg.dicom.sidecar import ALLOWED_KEYWORDS
@@ -98,8 +98,7 @@ def _keys(get: Callable[..., Any]) -> dict[str, str]:
             except (TypeError, ValueError):
                 pass
         if keyword == "ImageType":  # multi-valued: ORIGINAL\PRIMARY\M\ND, however a reader gives it
-            values = value.split("\\") if isinstance(value, str) else [] if value is None else list(value)
-            return "\\".join(str(v).strip().upper() for v in values)
+            return "\\".join(image_type(value))
         return "" if value is None else str(value)
 
     return {"series_uid": text("SeriesInstanceUID"), "series_number": text("SeriesNumber"),

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import write_ct_slice
 from pydicom.dataset import Dataset
-from pydicom.uid import EnhancedCTImageStorage
+from pydicom.uid import EnhancedCTImageStorage, generate_uid
 
 from medseg.config import IngestConfig
 from medseg.dicom import read_series
@@ -240,3 +240,17 @@ def test_columns_that_hold_a_damaged_sequence_are_refused_by_name(tmp_path: Path
     assert not found.series
     ((refused, reason),) = found.refused
     assert refused == str(path) and f"{path}: expected positive Rows and Columns, found 256 x Sequence" in reason
+
+
+def test_an_image_type_of_another_vr_is_read_as_one_value(tmp_path: Path) -> None:
+    """Found by fuzzing the series builder: ImageType stored with the VR DS (one number) made the
+    grouping key's reader iterate a float (TypeError). One such value is an image type like any other."""
+    study, series = generate_uid(), generate_uid()
+    for k in range(3):
+        write_ct_slice(tmp_path / f"IM{k}.dcm", np.full((3, 4), k, np.uint16), position=(0.0, 0.0, 2.0 * k),
+                       series_uid=series, study_uid=study, instance=k + 1,
+                       edit=lambda ds: ds.add_new(0x00080008, "DS", "1.5"))
+    found = scan(tmp_path)
+    (group,) = found.series
+    assert len(group.frames) == 3 and not found.refused
+    assert read_series(tmp_path, workers=1).data.shape == (4, 3, 3)
