@@ -119,11 +119,20 @@ class SeriesGroup:
     copy: int = 0  # 1, 2, ... when the same series is stored in several folders
     pixels: dict[Path, PixelLocation] = field(default_factory=dict, repr=False)  # files whose plain pixels can be read straight
 
+    def value(self, keyword: str, default: Any = None) -> Any:
+        """A value of the first file's header; ``default`` where it is missing or damaged (pydicom
+        converts a raw value on first use, and raises its own kinds for one of a wrong length)."""
+        try:
+            value = self.header.get(keyword)
+        except Exception:  # noqa: BLE001 - BytesLengthException, ValueError, OSError, ...
+            return default
+        return default if value is None else value
+
     @property
     def case_id(self) -> str:
         """A derived id: modality, series number and a hash of the UID; nothing copied from the patient."""
-        modality = str(self.header.get("Modality") or "img").lower()
-        number = self.header.get("SeriesNumber")
+        modality = str(self.value("Modality") or "img").lower()
+        number = self.value("SeriesNumber")
         try:
             number_text = f"{int(number):03d}"
         except (TypeError, ValueError):
@@ -135,8 +144,8 @@ class SeriesGroup:
     @property
     def name(self) -> str:
         """How messages name the series: its number, description and folder (no patient data)."""
-        description = str(self.header.get("SeriesDescription") or "").strip()
-        text = f"series {self.header.get('SeriesNumber', '?')}"
+        description = str(self.value("SeriesDescription") or "").strip()
+        text = f"series {self.value('SeriesNumber', '?')}"
         if description:
             text += f" '{description}'"
         if self.n_parts > 1:
@@ -507,7 +516,7 @@ def _drop_copies(files: list[DicomFile]) -> tuple[list[DicomFile], list[tuple[Pa
 
 def _series_number(group: SeriesGroup) -> int:
     try:
-        return int(group.header.get("SeriesNumber"))
+        return int(group.value("SeriesNumber"))
     except (TypeError, ValueError):
         return 0
 

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 def _case_id(group: SeriesGroup, config: IngestConfig) -> str:
     if config.case_ids == "patient":
-        patient = re.sub(r"[^A-Za-z0-9-]+", "-", str(group.header.get("PatientID") or "unknown")).strip("-")
+        patient = re.sub(r"[^A-Za-z0-9-]+", "-", str(group.value("PatientID") or "unknown")).strip("-")
         return f"{patient or 'unknown'}_{group.case_id}"
     return group.case_id
 
@@ -200,7 +200,7 @@ def _ingest(
                                  error=f"{r.case_id}: has {r.channels} volumes where most series have {channels}"))
     kept = [r for r in records if r.channels == channels]
     modality = config.modality or Counter(
-        str(g.header.get("Modality") or "MR") for g in found.series
+        str(g.value("Modality") or "MR") for g in found.series
     ).most_common(1)[0][0]
     if names is not None and 0 not in names:
         names = {0: "background", **names}

@@ -254,3 +254,21 @@ def test_an_image_type_of_another_vr_is_read_as_one_value(tmp_path: Path) -> Non
     (group,) = found.series
     assert len(group.frames) == 3 and not found.refused
     assert read_series(tmp_path, workers=1).data.shape == (4, 3, 3)
+
+
+def test_a_series_number_of_a_wrong_length_names_no_number(tmp_path: Path) -> None:
+    """Found by fuzzing the series builder: SeriesNumber '7 ' stored with the VR UL (2 bytes, not 4).
+    pydicom raised BytesLengthException where the grouping sorted the series by number; a damaged
+    header value now counts as missing (``SeriesGroup.value``)."""
+    study, series = generate_uid(), generate_uid()
+    needle = struct.pack("<HH", 0x0020, 0x0011) + b"IS"
+    for k in range(3):
+        path = tmp_path / f"IM{k}.dcm"
+        write_ct_slice(path, np.full((3, 4), k, np.uint16), position=(0.0, 0.0, 2.0 * k), series_uid=series,
+                       study_uid=study, instance=k + 1, series_number=7)
+        raw = path.read_bytes()
+        assert raw.count(needle) == 1
+        path.write_bytes(raw.replace(needle, needle[:4] + b"UL"))
+    (group,) = scan(tmp_path).series
+    assert group.case_id.startswith("ct000_") and group.name.startswith("series ? in ")
+    assert read_series(tmp_path, workers=1).data.shape == (4, 3, 3)
