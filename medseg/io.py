@@ -282,7 +282,8 @@ def load_nifti(path: Path) -> nib.Nifti1Image:
         data = np.asanyarray(img.dataobj)
     except readable as err:
         raise DataError(f"cannot read {path}: {type(err).__name__}: {err} (truncated or not a NIfTI file?)") from None
-    return nib.Nifti1Image(data, img.affine, img.header) if isinstance(img, nib.Nifti1Image) else img
+    # the voxels in memory under the file's own header class (a NIfTI-2 image keeps its 64-bit dims)
+    return type(img)(data, img.affine, img.header)
 
 
 def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None = None,

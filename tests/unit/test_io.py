@@ -323,3 +323,14 @@ def test_load_nifti_refuses_a_header_affine_that_means_nothing(tmp_path: Path, s
     with pytest.raises(DataError, match=expected) as err:
         load_nifti(path)
     assert str(path) in str(err.value)
+
+
+def test_load_nifti_keeps_a_nifti2_image_with_dims_beyond_nifti1(tmp_path: Path) -> None:
+    """Found by fuzzing (tests/fuzz/fuzz_nifti.py): load_nifti put a NIfTI-2 image back as a NIfTI-1
+    image; for a fuzzed header's dims (4718596, 0, 0) nibabel raised HeaderDataError. It keeps the
+    file's own class now."""
+    path = tmp_path / "long.nii.gz"
+    nib.save(nib.Nifti2Image(np.arange(40000, dtype=np.int32).reshape(40000, 1, 1) % 7, np.eye(4)), str(path))
+    img = load_nifti(path)
+    assert isinstance(img, nib.Nifti2Image) and img.shape == (40000, 1, 1)
+    assert int(np.asanyarray(img.dataobj)[39999, 0, 0]) == 39999 % 7
