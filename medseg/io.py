@@ -277,6 +277,9 @@ def load_nifti(path: Path) -> nib.Nifti1Image:
         raise DataError(f"{path}: expected a NIfTI image, found {type(img).__name__}")
     check_declared_size(path, img.header)
     check_affine(path, img.affine)
+    dtype = img.header.get_data_dtype()
+    if dtype.kind not in "biuf":  # RGB (a structured type) or complex voxels: not intensities medseg reads
+        raise DataError(f"{path}: expected scalar voxels (integers or floats), found the NIfTI data type {dtype}")
     try:
         # Force the read: nibabel is lazy, and a truncated .nii.gz only fails on access.
         data = np.asanyarray(img.dataobj)

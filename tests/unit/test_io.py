@@ -334,3 +334,15 @@ def test_load_nifti_keeps_a_nifti2_image_with_dims_beyond_nifti1(tmp_path: Path)
     img = load_nifti(path)
     assert isinstance(img, nib.Nifti2Image) and img.shape == (40000, 1, 1)
     assert int(np.asanyarray(img.dataobj)[39999, 0, 0]) == 39999 % 7
+
+
+@pytest.mark.parametrize("dtype", [np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")]), np.dtype(np.complex64)])
+def test_load_nifti_refuses_voxels_that_are_not_intensities(tmp_path: Path, dtype: np.dtype) -> None:
+    """Found by fuzzing (tests/fuzz/fuzz_nifti.py): an RGB NIfTI with a scale factor made nibabel's
+    scaling raise UFuncTypeError; RGB and complex voxels are refused by name before reading."""
+    path = tmp_path / "colour.nii"
+    img = nib.Nifti1Image(np.zeros((3, 3, 3), dtype=dtype), np.eye(4))
+    img.header.set_slope_inter(2.0, 0.0)
+    nib.save(img, str(path))
+    with pytest.raises(DataError, match=r"colour\.nii: expected scalar voxels \(integers or floats\), found"):
+        load_nifti(path)
