@@ -145,7 +145,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if args.postprocessing is not None:
         from medseg.postprocess import read_decision
 
-        config = PredictConfig.model_validate({**config.model_dump(), "largest_component": read_decision(args.postprocessing)})
+        given = config.model_dump(include=config.model_fields_set)  # what is not given may come from the model
+        config = PredictConfig.model_validate({**given, "largest_component": read_decision(args.postprocessing)})
         log.info("keeping the largest component of labels %s (%s)", list(config.largest_component), args.postprocessing)
     shard = None
     if args.shard:
@@ -165,13 +166,15 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from medseg.config import EvaluateConfig
-    from medseg.stages.evaluate import evaluate, log_to_mlflow
+    from medseg.stages.evaluate import evaluate, log_to_mlflow, record_validated
 
     result = evaluate(args.predictions, args.output, _section(args, EvaluateConfig, "evaluate"),
                       manifest_path=args.manifest, labels_dir=args.labels)
     if args.model_info:
         runs = log_to_mlflow(result, _tracking_uri(args), args.model_info)
         log.info("logged the evaluation to MLflow run(s) %s", ", ".join(runs))
+        for path in record_validated(result, args.predictions, args.model_info, _tracking_uri(args)):
+            log.info("the validated prediction settings -> %s", path)
     dice = result.summary["mean_dice"]
     print(f"evaluated {result.n_cases} cases: mean Dice {dice:.4f} -> {result.out_dir}")
 
@@ -377,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "or cluster jobs) share the cases and the output folder")
     p.add_argument("--postprocessing", type=Path, metavar="JSON",
                    help="evaluate's postprocessing.json: keep only the largest connected component of the labels "
-                        "where cross-validation showed it helps (sets predict.largest_component)")
+                        "where cross-validation showed it helps (sets predict.largest_component; a model that "
+                        "evaluate scored already carries it)")
     _config_args(p)
 
     p = add("evaluate", cmd_evaluate, "Dice, IoU, HD95, surface distance and surface Dice per case and class")

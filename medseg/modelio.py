@@ -15,12 +15,14 @@ import pickle
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from medseg.config import NetworkConfig, PreprocessConfig
 from medseg.errors import ModelError
 from medseg.plans import Plan
+from medseg.validated import Validated
+from medseg.validated import read as read_validated
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,9 @@ class ModelSpec(BaseModel):
     network: NetworkConfig
     roi_size: tuple[int, int, int]
     fold: int | None = None
+    # What cross-validation measured with these weights (medseg.validated), read from beside the
+    # checkpoint when it is loaded; never saved into a checkpoint.
+    validated: Validated | None = Field(default=None, exclude=True)
 
 
 def build_from_spec(spec: ModelSpec) -> nn.Module:
@@ -47,7 +52,8 @@ def build_from_spec(spec: ModelSpec) -> nn.Module:
 
 
 def load_checkpoint_model(path: Path, device: torch.device) -> tuple[nn.Module, ModelSpec]:
-    """A network and its spec from a medseg checkpoint (``best.pt`` / ``last.pt``)."""
+    """A network and its spec from a medseg checkpoint (``best.pt`` / ``last.pt``), with the settings it
+    was validated with when ``validated.json`` beside it was made for its weights."""
     path = Path(path)
     if not path.exists():
         raise ModelError(f"checkpoint not found: {path}")
@@ -66,6 +72,9 @@ def load_checkpoint_model(path: Path, device: torch.device) -> tuple[nn.Module, 
     except (RuntimeError, TypeError, AttributeError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ModelError(f"{path}: its weights do not fit the network its spec describes: {reason}") from None
+    validated = read_validated(path.parent, net)
+    if validated is not None:
+        spec = spec.model_copy(update={"validated": validated})
     return net.to(device).eval(), spec
 
 

@@ -6,7 +6,6 @@ resumes) and behind the registered model's MLflow pyfunc (``medseg.pyfunc``).
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import math
 import tempfile
@@ -46,6 +45,7 @@ from medseg.plans import Plan
 from medseg.postprocess import keep_largest_component
 from medseg.qc import FAILED_DIR, QC_DIR, case_qc
 from medseg.sources import CaseSource
+from medseg.validated import resolve, weights_digest
 
 RECORD = "predict.json"
 
@@ -96,19 +96,12 @@ def _write_dicom_seg(mask: np.ndarray, affine: np.ndarray, case: CaseSource, spe
     write_seg(mask, series, target, names=names, description=f"medseg prediction of {case.case_id}")
 
 
-def _weights_digest(net: nn.Module) -> str:
-    """A digest of a network's weights, so a resumed run can tell it has the same model."""
-    digest = hashlib.sha256()
-    for name, tensor in net.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def _run_record(refs: Sequence[str], loaded: Sequence[tuple[nn.Module, ModelSpec]], config: PredictConfig) -> dict:
+def _run_record(refs: Sequence[str], loaded: Sequence[tuple[nn.Module, ModelSpec]], config: PredictConfig,
+                validated: dict[str, Any] | None) -> dict:
     return {
-        "models": [{"model": ref, "weights": _weights_digest(net)} for ref, (net, _) in zip(refs, loaded)],
+        "models": [{"model": ref, "weights": weights_digest(net)} for ref, (net, _) in zip(refs, loaded)],
         "config": config.model_dump(mode="json", exclude={"prefetch"}),
+        "validated": validated,  # the settings taken from the models' validation (medseg.validated), or null
     }
 
 
@@ -212,15 +205,16 @@ def predict_cases(
     source: str = "the input",
 ) -> PredictResult:
     """``predict`` for cases already found and models already loaded on ``device`` (``refs`` name
-    them in ``predict.json``); ``source`` names the input in errors."""
+    them in ``predict.json``); ``source`` names the input in errors. The settings of ``config`` that
+    were not set explicitly come from the models' validation where they have one (``medseg.validated``)."""
     from monai.transforms import Invertd
 
     from medseg.transforms import preprocessing
 
-    config = config or PredictConfig()
     torch.backends.cudnn.benchmark = device.type == "cuda"
     if not loaded or len(refs) != len(loaded):
         raise ModelError(f"expected a name for each of the {len(loaded)} models, found {len(refs)}")
+    config, validated = resolve(config, [spec.validated for _, spec in loaded], refs)
     models = list(refs)
     if len({c.case_id for c in cases}) != len(cases):
         raise DataError(f"{source}: expected one scan per case id, found a case id twice")
@@ -243,7 +237,7 @@ def predict_cases(
               for g in groups]
     inverters = [Invertd(keys="pred", transform=c, orig_keys="image", nearest_interp=False) for c in chains]
     out_dir = Path(out_dir)
-    resume = _open_output(out_dir, _run_record(models, loaded, config), overwrite, replace_others)
+    resume = _open_output(out_dir, _run_record(models, loaded, config, validated), overwrite, replace_others)
     skipped = [c.case_id for c in cases if resume and _done(out_dir, c.case_id)]
     todo = [c for c in cases if c.case_id not in set(skipped)]
     if skipped:

@@ -16,8 +16,12 @@ is the file's name without its extension. The answer has a row per case: ``case`
 ``mask`` (the path of the mask, written as ``medseg predict`` writes it, in the scan's own
 geometry, with QC in ``qc/`` and ``cases.csv``), ``qc_flags``, ``uncertainty`` and ``error``
 (empty unless the case failed; the other cases go on). Params: ``output_dir`` (default
-``medseg-predictions`` in the working folder), ``tta_flips`` (the 8 flips), ``overwrite``, and
-``largest_component`` (the labels of evaluate's ``postprocessing.json``).
+``medseg-predictions`` in the working folder), ``overwrite``, ``tta_flips`` (the 8 flips) and
+``largest_component`` (the labels of evaluate's ``postprocessing.json``). A model that evaluate
+scored predicts with the settings it was validated with (``medseg.validated``: flips, overlap,
+Gaussian weighting, the largest-component decision): ``tta_flips`` and a non-empty
+``largest_component`` override them, and ``validated_settings: false`` leaves them for medseg's
+defaults.
 
 The model carries everything it needs: the network's weights and its spec (the plan and the
 preprocessing) in one checkpoint file (``medseg_model.pt``, an artifact), and medseg's own code
@@ -68,9 +72,10 @@ def signature() -> Any:
                        + [ColSpec("double", "uncertainty"), ColSpec("string", "error")]),
         params=ParamSchema([
             ParamSpec("output_dir", "string", DEFAULT_OUTPUT),
-            ParamSpec("tta_flips", "boolean", False),
+            ParamSpec("tta_flips", "boolean", None),  # None: as validated
             ParamSpec("overwrite", "boolean", False),
-            ParamSpec("largest_component", "long", [], shape=(-1,)),
+            ParamSpec("largest_component", "long", [], shape=(-1,)),  # empty: as validated
+            ParamSpec("validated_settings", "boolean", True),
         ]),
     )
 
@@ -84,6 +89,20 @@ def requirements() -> list[str]:
             continue
         out.append(req.split(";")[0].strip())
     return out
+
+
+def settings(params: dict[str, Any]) -> PredictConfig:
+    """The prediction settings of the params: those given are set explicitly, so the others come from
+    the model's validation (``medseg.validated``), unless ``validated_settings`` is false."""
+    given: dict[str, Any] = {}
+    if params.get("tta_flips") is not None:
+        given["tta_flips"] = bool(params["tta_flips"])
+    if params.get("largest_component"):
+        given["largest_component"] = tuple(int(c) for c in params["largest_component"])
+    config = PredictConfig(**given)
+    if params.get("validated_settings", True) is False:
+        return PredictConfig.model_validate(config.model_dump())  # every setting given: the defaults
+    return config
 
 
 def _cases(frame: pd.DataFrame) -> list[Any]:
@@ -126,8 +145,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({"image": list(model_input)})
         cases = _cases(frame)
         out_dir = Path(str(params.get("output_dir") or DEFAULT_OUTPUT)).expanduser().resolve()
-        config = PredictConfig(tta_flips=bool(params.get("tta_flips", False)),
-                               largest_component=tuple(int(c) for c in params.get("largest_component") or ()))
+        config = settings(params)
         try:
             result = predict_cases(cases, out_dir, [self.loaded], ["mlflow pyfunc"], config, device=self.device,
                                    overwrite=bool(params.get("overwrite", False)), source="the input table")

@@ -31,8 +31,8 @@ def report(results: Path, tracking_uri: str) -> str:
         f"Experiment:  .venv/bin/mlflow ui --backend-store-uri {tracking_uri}",
         f"Review:      {results / 'review' / 'index.html'}; to record verdicts: .venv/bin/medseg review "
         f"--output {results / 'review'} --serve",
-        "Predict new scans: .venv/bin/medseg predict --input <folder of scans> --output <folder> "
-        f"--postprocessing {results / 'evaluation' / 'postprocessing.json'}",
+        "Predict new scans: .venv/bin/medseg predict --input <folder of scans> --output <folder>  "
+        "(with the settings the model was validated with)",
     ]
     return "\n".join(lines)
 

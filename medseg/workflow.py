@@ -23,6 +23,18 @@ def section_arg(config: dict[str, Any], name: str) -> str:
     return shlex.quote(json.dumps(config[name], sort_keys=True))
 
 
+def new_scans_predict_arg(config: dict[str, Any]) -> str:
+    """The ``predict`` section for the new scans, as ``section_arg`` gives it, without the settings that
+    change masks: those come from what the fold models were validated with (``medseg.validated``),
+    the largest-component decision included unless ``new_scans.postprocessing`` is false."""
+    from medseg.validated import SETTINGS
+
+    section = {k: v for k, v in config["predict"].items() if k not in SETTINGS}
+    if not config["new_scans"]["postprocessing"]:
+        section["largest_component"] = []
+    return shlex.quote(json.dumps(section, sort_keys=True))
+
+
 def reviewed_inputs(config: dict[str, Any]) -> list[str]:
     """The files of each review folder in ``ingest.reviewed`` whose change reruns ingest (and what
     follows): ``queue.json`` (the folder rebuilt on new masks) and ``verdicts.csv`` (rewritten after

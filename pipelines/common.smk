@@ -7,6 +7,7 @@ from medseg.workflow import (
     configuration_input,
     configuration_section,
     full_config,
+    new_scans_predict_arg,
     own_preprocessing,
     reviewed_inputs,
     section_arg,

@@ -1,4 +1,6 @@
-# The out-of-fold predictions of all folds, scored together in each scan's own geometry.
+# The out-of-fold predictions of all folds, scored together in each scan's own geometry. Each fold's
+# model is given the settings it was validated with (validated.json beside its checkpoint, and in the
+# registry), which medseg predict then uses for it by default.
 EVALUATE_SHELL = (
     "medseg evaluate --predictions {params.predictions} --manifest {input.manifest} --output {params.out} "
     "--model-info {input.infos} --params {params.cfg} --tracking-uri {params.uri} > {log} 2>&1"
@@ -15,6 +17,7 @@ rule evaluate:
         table=f"{RESULTS}/evaluation/metrics.csv",
         plot=f"{RESULTS}/evaluation/metrics.png",
         postprocessing=f"{RESULTS}/evaluation/postprocessing.json",
+        validated=expand(f"{RESULTS}/train/fold_{{fold}}/validated.json", fold=FOLDS),
     params:
         cfg=section_arg(CFG, "evaluate"),
         uri=TRACKING_URI,
@@ -36,6 +39,7 @@ rule evaluate_configuration:
         table=f"{CONFIGURATION}/evaluation/metrics.csv",
         plot=f"{CONFIGURATION}/evaluation/metrics.png",
         postprocessing=f"{CONFIGURATION}/evaluation/postprocessing.json",
+        validated=expand(f"{CONFIGURATION}/train/fold_{{fold}}/validated.json", fold=FOLDS, allow_missing=True),
     params:
         cfg=section_arg(CFG, "evaluate"),
         uri=TRACKING_URI,

@@ -47,8 +47,9 @@ rule predict_configuration:
         PREDICT_SHELL
 
 
-# new_scans: scans outside the dataset, predicted with the ensemble of this run's fold models
-# and the largest-component decision of its cross-validation, split into new_scans.shards jobs
+# new_scans: scans outside the dataset, predicted with the ensemble of this run's fold models, with
+# the settings they were validated with (evaluate's validated.json: flips, overlap, weighting and the
+# largest-component decision of the cross-validation), split into new_scans.shards jobs
 # (one per GPU, or per node under the SLURM profile). The shards share one folder; each marks
 # its end with a file under .shards/, and predict_new (the same command without --shard)
 # predicts whatever a shard left and writes the folder's cases.csv.
@@ -56,11 +57,10 @@ NEW_SCANS = CFG["new_scans"]
 NEW_OUT = (NEW_SCANS["output"] or f"{RESULTS}/new_scans").rstrip("/")
 NEW_SHELL = (
     "medseg predict --input {params.scans} --output {params.out} --model-info {input.infos} --replace-others "
-    "{params.post} --params {params.cfg} --tracking-uri {params.uri}"
+    "--params {params.cfg} --tracking-uri {params.uri}"
 )
 NEW_SHARD_SHELL = f"{NEW_SHELL} --shard {{wildcards.shard}}/{{params.n}} > {{log}} 2>&1 && touch {{output}}"
 NEW_ALL_SHELL = f"{NEW_SHELL} > {{log}} 2>&1"
-NEW_POST = f"--postprocessing {RESULTS}/evaluation/postprocessing.json" if NEW_SCANS["postprocessing"] else ""
 
 
 if NEW_SCANS["input"]:
@@ -68,14 +68,13 @@ if NEW_SCANS["input"]:
     rule predict_new_shard:
         input:
             infos=expand(f"{RESULTS}/train/fold_{{fold}}/model.json", fold=FOLDS),
-            postprocessing=f"{RESULTS}/evaluation/postprocessing.json",
+            validated=expand(f"{RESULTS}/train/fold_{{fold}}/validated.json", fold=FOLDS),
         output:
             f"{NEW_OUT}/.shards/{{shard}}-of-{NEW_SCANS['shards']}.done",
         params:
             scans=NEW_SCANS["input"],
             out=NEW_OUT,
-            post=NEW_POST,
-            cfg=section_arg(CFG, "predict"),
+            cfg=new_scans_predict_arg(CFG),
             uri=TRACKING_URI,
             n=NEW_SCANS["shards"],
         threads: workflow.cores
@@ -89,14 +88,13 @@ if NEW_SCANS["input"]:
             shards=expand(f"{NEW_OUT}/.shards/{{shard}}-of-{NEW_SCANS['shards']}.done",
                           shard=range(NEW_SCANS["shards"])),
             infos=expand(f"{RESULTS}/train/fold_{{fold}}/model.json", fold=FOLDS),
-            postprocessing=f"{RESULTS}/evaluation/postprocessing.json",
+            validated=expand(f"{RESULTS}/train/fold_{{fold}}/validated.json", fold=FOLDS),
         output:
             f"{NEW_OUT}/cases.csv",
         params:
             scans=NEW_SCANS["input"],
             out=NEW_OUT,
-            post=NEW_POST,
-            cfg=section_arg(CFG, "predict"),
+            cfg=new_scans_predict_arg(CFG),
             uri=TRACKING_URI,
         threads: workflow.cores
         log:

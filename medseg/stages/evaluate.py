@@ -15,6 +15,11 @@ classes; the flagged cases), ``metrics.png`` (box plots per class, and Dice agai
 reference volume), ``postprocessing.json`` (for each class, the mean Dice before and after
 keeping only the largest connected component, and the classes where that helped:
 ``medseg.postprocess``; ``medseg predict --postprocessing`` applies it).
+
+Given the models that made the predictions (``record_validated``, ``medseg evaluate --model-info``),
+each model is given the settings its predictions were made with, this decision and the Dice they
+gave, beside its checkpoint and in the registry (``medseg.validated``), so that ``medseg predict``
+with the model predicts as it was validated.
 """
 
 from __future__ import annotations
@@ -289,3 +294,47 @@ def log_to_mlflow(result: EvaluateResult, tracking_uri: str, model_infos: Sequen
         for fname in ("metrics.csv", "summary.json", "metrics.png", POSTPROCESSING):
             client.log_artifact(run_id, str(result.out_dir / fname), artifact_path="evaluation")
     return targets
+
+
+def validated_dice(summary: dict, decision: dict) -> float | None:
+    """The mean Dice over the labels after the post-processing ``decision`` (before it where it keeps
+    nothing), as ``decide`` measured it on the scored cases."""
+    classes = decision.get("classes") or {}
+    if not classes:
+        return summary.get("mean_dice")
+    return float(np.mean([c["dice_after"] if c["keep_largest"] else c["dice_before"] for c in classes.values()]))
+
+
+def record_validated(result: EvaluateResult, prediction_dirs: Sequence[Path], model_infos: Sequence[Path],
+                     tracking_uri: str | None) -> list[Path]:
+    """For each model of ``model_infos`` (train's ``model.json``) whose predictions were scored: the
+    settings they were made with (their folder's ``predict.json``), the largest-component decision and
+    the Dice, into ``validated.json`` beside its checkpoint and into the registry (``medseg.validated``)."""
+    from medseg.io import read_json
+    from medseg.prediction import RECORD
+    from medseg.validated import SETTINGS, Validated, publish
+
+    decision = read_json(result.out_dir / POSTPROCESSING)
+    made: dict[str, tuple[dict, str]] = {}  # model reference -> (the settings of its predictions, its weights)
+    for folder in prediction_dirs:
+        record_path = Path(folder) / RECORD
+        if not record_path.exists():
+            continue
+        record = read_json(record_path)
+        for model in record.get("models", []):
+            made[model["model"]] = (record["config"], model["weights"])
+    written: list[Path] = []
+    for info_path in model_infos:
+        info = read_json(info_path)
+        uri = info.get("model_uri")
+        if uri not in made:
+            log.warning("%s: no prediction folder scored was made with its model %s: no validated settings "
+                        "recorded for it", info_path, uri)
+            continue
+        config, weights = made[uri]
+        settings = {k: config[k] for k in SETTINGS if k != "largest_component"}
+        settings["largest_component"] = list(decision["largest_component"])
+        record = Validated(weights=weights, settings=settings, mean_dice=validated_dice(result.summary, decision),
+                           n_cases=result.n_cases, evaluation=str(Path(result.out_dir).resolve()))
+        written.append(publish(record, Path(info_path).parent, uri, tracking_uri or info.get("tracking_uri")))
+    return written

@@ -22,7 +22,14 @@ Outputs in ``out_dir``, each written atomically:
   predicted), so ``medseg review`` lists it;
 - ``cases.csv``: a row per case of the folder predicted so far (by this run or by the other shards
   of it), with its volumes, score and flags;
-- ``predict.json``: the models (with a digest of their weights) and settings that made them.
+- ``predict.json``: the models (with a digest of their weights) and settings that made them, and
+  which settings came from the models' validation (``validated``).
+
+The settings: those given (``config``'s fields set explicitly; every one of a config read from
+files) win. Each other setting that changes the masks (overlap, Gaussian weighting, flips, the
+largest-component decision) is the one the models were validated with, where evaluate recorded it
+(``medseg.validated``): so a registered model predicts as cross-validation measured it. The rest keep
+their defaults.
 
 A run into a folder that a run of the same models and settings left unfinished predicts only
 the cases not yet done. A folder made by other models or settings is refused unless

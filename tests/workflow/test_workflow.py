@@ -11,7 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import CASES, HELD_OUT, _env, hippocampus_subset, snakemake
+from conftest import CASES, HELD_OUT, REPO, _env, hippocampus_subset, snakemake
 
 def planned_rules(output: str) -> dict[str, int]:
     """Rule -> job count from the 'Job stats' table of a dry run."""
@@ -167,6 +167,62 @@ def test_registered_model_predicts_through_mlflow_models_predict(finished: Path,
     np.testing.assert_array_equal(np.asarray(mask.dataobj), np.asarray(expected.dataobj))
 
 
+def test_predict_command_predicts_as_the_model_was_validated(finished: Path, venv_bin: Path, tmp_path: Path) -> None:
+    """The README's command for new scans, with a model and no config, uses the settings the model was
+    validated with (the experiment's flips and the cross-validated largest-component decision): its masks
+    of fold 0's validation cases are the workflow's validation masks after that decision, voxel for voxel,
+    from the registered model and from the checkpoint folder alike; a setting given still wins."""
+    import mlflow
+
+    from medseg.postprocess import keep_largest_component, read_decision
+    from medseg.stages.evaluate import validated_dice
+
+    results = finished / "data" / "results"
+    decision = read_decision(results / "evaluation" / "postprocessing.json")
+    record = json.loads((results / "train" / "fold_0" / "validated.json").read_text())
+    assert record["settings"] == {"overlap": 0.5, "gaussian": True, "tta_flips": True,
+                                  "largest_component": list(decision)}  # smoke.yaml's flips, not the default
+    summary = json.loads((results / "evaluation" / "summary.json").read_text())
+    post = json.loads((results / "evaluation" / "postprocessing.json").read_text())
+    assert record["mean_dice"] == pytest.approx(validated_dice(summary, post), abs=1e-12)
+    assert record["n_cases"] == summary["n_cases"] == 3
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
+    tags = client.get_model_version("medseg-smoke", "1").tags
+    assert tags["medseg.validated_dice"] == f"{record['mean_dice']:.4f}"
+    assert json.loads(tags["medseg.validated_settings"]) == record["settings"]
+
+    val = json.loads((results / "plan" / "splits.json").read_text())[0]["val"]
+    scans = tmp_path / "scans"  # the scans the workflow predicted them from, as a user's folder
+    scans.mkdir()
+    for case in val:
+        (scans / f"{case}.nii.gz").symlink_to(results / "ingest" / "images" / f"{case}.nii.gz")
+
+    def medseg_predict(out: str, *extra: str) -> tuple[dict, str]:
+        proc = subprocess.run([str(venv_bin / "medseg"), "predict", "--input", str(scans), "--output", out, *extra],
+                              cwd=finished, capture_output=True, text=True, env=_env(venv_bin), timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads((tmp_path / out / "predict.json").read_text()), proc.stderr
+
+    for out, extra in (("registry", ()), ("checkpoint", ("--model", str(results / "train" / "fold_0" / "best.pt")))):
+        made, stderr = medseg_predict(str(tmp_path / out), *extra)
+        assert "was validated with (mean Dice" in stderr, stderr[-3000:]
+        assert made["validated"]["taken"] == ["gaussian", "largest_component", "overlap", "tta_flips"]
+        assert made["validated"]["given"] == [] and made["validated"]["n_cases"] == 3
+        assert made["config"]["tta_flips"] is True and made["config"]["largest_component"] == list(decision)
+        for case in val:
+            workflow = np.asarray(nib.load(str(results / "predictions" / "fold_0" / f"{case}.nii.gz")).dataobj)
+            expected = keep_largest_component(workflow.copy(), decision)
+            np.testing.assert_array_equal(np.asarray(nib.load(str(tmp_path / out / f"{case}.nii.gz")).dataobj),
+                                          expected, err_msg=f"{out}: {case}")
+
+    made, _ = medseg_predict(str(tmp_path / "given"), "--params", '{"tta_flips": false}')
+    assert made["config"]["tta_flips"] is False and made["config"]["largest_component"] == list(decision)
+    assert made["validated"]["given"] == ["tta_flips"] and "tta_flips" not in made["validated"]["taken"]
+    made, stderr = medseg_predict(str(tmp_path / "configured"), "--config", str(REPO / "configs" / "config.yaml"))
+    assert made["validated"] is None and made["config"]["tta_flips"] is False and made["config"]["largest_component"] == []
+    assert "not those models:/medseg-smoke/1 was validated with" in stderr
+
+
 def test_train_change_reruns_only_train_and_after(finished: Path, venv_bin: Path) -> None:
     proc = snakemake(venv_bin, finished, "-n", "--config", f"dataset={finished / 'hippo'}")
     assert "Nothing to be done" in proc.stdout + proc.stderr
@@ -246,6 +302,10 @@ def test_configurations_train_in_the_same_workflow_and_the_best_is_selected(fini
         (version,) = client.search_model_versions(f"name = 'medseg-smoke-{name}'")
         assert client.get_run(version.run_id).data.tags["snakemake.rule"] == "train_configuration"
     assert len(client.search_model_versions("name = 'medseg-smoke'")) == 1  # the main model: not re-registered
+    for name in ("wider", "twod"):  # each configuration's model carries its own validation
+        record = json.loads((configurations / name / "train" / "fold_0" / "validated.json").read_text())
+        assert record["mean_dice"] is not None
+        assert Path(record["evaluation"]) == (configurations / name / "evaluation").resolve()
 
 
 def test_predict_rule_resumes_a_folder_left_unfinished(finished: Path, venv_bin: Path) -> None:
@@ -307,6 +367,7 @@ def test_new_scans_are_predicted_in_shards_with_the_cross_validated_postprocessi
     decision = read_decision(results / "evaluation" / "postprocessing.json")
     record = json.loads((out / "predict.json").read_text())
     assert record["config"]["largest_component"] == list(decision)
+    assert record["config"]["tta_flips"] is True and "largest_component" in record["validated"]["taken"]
     assert [m["model"] for m in record["models"]] == ["models:/medseg-smoke/1"]
     for case in HELD_OUT:
         assert nib.load(str(out / f"{case}.nii.gz")).shape == nib.load(str(scans / f"{case}.nii.gz")).shape
