@@ -229,13 +229,18 @@ def test_a_nifti_with_no_voxels_is_refused_by_ingest(tmp_path: Path) -> None:
 
 
 def test_columns_that_hold_a_damaged_sequence_are_refused_by_name(tmp_path: Path) -> None:
-    """A file found by fuzzing the header reader (tests/unit/data, 2.3 kB): its Columns element holds a
-    sequence whose items run out. Printing that value in the refusal made pydicom parse it and raise
-    OSError or struct.error from inside the message; the refusal now names the value's type."""
-    from medseg.dicom import scan
-
+    """Found by fuzzing the header reader: a Columns element whose VR was turned into SQ, so that its
+    value is a sequence. Printing that value in the refusal made pydicom parse it, and on the fuzz
+    input (where the sequence's items run out) raise OSError or struct.error from inside the message.
+    The refusal now names the value's type and never parses it. The slice here is made the same way:
+    a real slice whose Columns element says SQ."""
     path = tmp_path / "IM0.dcm"
-    path.write_bytes((Path(__file__).parent / "data" / "fuzz-columns-as-damaged-sequence.dcm").read_bytes())
+    write_ct_slice(path, np.zeros((256, 4), np.uint16), position=(0.0, 0.0, 0.0), series_uid=generate_uid(),
+                   study_uid=generate_uid())
+    raw = path.read_bytes()
+    columns = b"\x28\x00\x11\x00US\x02\x00"  # (0028,0011) US, 2 bytes, explicit VR little endian
+    assert raw.count(columns) == 1
+    path.write_bytes(raw.replace(columns, b"\x28\x00\x11\x00SQ\x02\x00"))
     found = scan(tmp_path)
     assert not found.series
     ((refused, reason),) = found.refused
