@@ -21,6 +21,7 @@ models' record; the rest keep their defaults.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -117,8 +118,6 @@ def resolve(config: PredictConfig | None, records: Sequence[Validated | None],
 def publish(record: Validated, folder: Path, model_uri: str | None, tracking_uri: str | None) -> Path:
     """Write ``record`` into ``folder`` (the checkpoint's) and, for a registered model
     (``models:/<name>/<version>``), beside its checkpoint artifact and onto the model version."""
-    import json
-
     from medseg.io import write_json
 
     path = Path(folder) / FILE

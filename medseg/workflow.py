@@ -32,7 +32,7 @@ def new_scans_predict_arg(config: dict[str, Any]) -> str:
     section = {k: v for k, v in config["predict"].items() if k not in SETTINGS}
     if not config["new_scans"]["postprocessing"]:
         section["largest_component"] = []
-    return shlex.quote(json.dumps(section, sort_keys=True))
+    return section_arg({"predict": section}, "predict")
 
 
 def reviewed_inputs(config: dict[str, Any]) -> list[str]:
