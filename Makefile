@@ -1,5 +1,6 @@
 # medseg: the two commands of the README.
 #   make demo [DATA=<MSD/nnU-Net folder>]   set up .venv and run the whole workflow on MSD Task04 Hippocampus
+#     [EXPERIMENT=configs/experiments/hippocampus-full.yaml RESULTS=data/results-full]   the five-fold recipe
 #   make test                               set up .venv and run the test suite
 # And, for the readers of untrusted files:
 #   make fuzz [FUZZ_SECONDS=600]            fuzz the DICOM header reader, series builder and NIfTI loading, each that long
@@ -13,6 +14,7 @@ CONSTRAINTS ?= constraints.txt
 DATA ?=
 CORES ?= all
 RESULTS ?= data/results
+EXPERIMENT ?= configs/experiments/hippocampus.yaml
 FUZZ_SECONDS ?= 600
 FUZZ_TARGETS ?= dicom_header dicom_series nifti
 FUZZ_DIR ?= test-artifacts/fuzz
@@ -39,7 +41,7 @@ demo: venv
 	@set -e; \
 	if [ -n "$(DATA)" ]; then data="$(DATA)"; \
 	else data=$$($(BIN)/medseg fetch-data --task Task04_Hippocampus --output data/raw); fi; \
-	$(BIN)/snakemake --cores $(CORES) --configfile configs/experiments/hippocampus.yaml \
+	$(BIN)/snakemake --cores $(CORES) --configfile $(EXPERIMENT) \
 	  --config dataset="$$(realpath "$$data")" results=$(RESULTS); \
 	$(BIN)/medseg report --results $(RESULTS) --tracking-uri "sqlite:///$$(realpath $(RESULTS))/mlflow.db"
 
