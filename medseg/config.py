@@ -84,6 +84,12 @@ class PlanConfig(StrictModel):
         description="Memory one training process may use (patch and batch are fitted to it); null = the memory "
         "of CUDA device 0 where there is one, else 8 (nnU-Net's reference GPU).",
     )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        description="The device training runs on, for the rules that depend on it: on a CPU the batch is the "
+        "least (2), on a GPU what the memory budget holds (docs/training.md); auto = CUDA where the machine "
+        "that plans has it.",
+    )
     base_features: int = Field(default=32, ge=1, description="Feature maps of the first stage; they double per stage.")
     max_features: int = Field(default=320, ge=1, description="Most feature maps of a stage.")
     min_feature_edge: int = Field(

@@ -16,6 +16,11 @@ records every choice and why, under ``decisions``:
   a batch of 2 fits the budget; the memory is counted on the planned network
   (``medseg.memory``). The batch is what the budget holds, at most 5% of the dataset's voxels,
   at least 2. In 2D the same rules run on the two in-plane axes and the coarse axis gets 1.
+- **Device** (``device``: the device training runs on; ``auto`` = CUDA where the machine that
+  plans has it). On a CPU the batch is the least, 2, whatever the budget holds: a CPU's samples
+  per second barely grow with the batch (unlike a GPU's), so the least batch gives the most
+  optimizer steps in the same time, and the best Dice in a short one (``docs/benchmarks.md``,
+  "The batch on a CPU"). The decision says what the batch would be on a GPU.
 - **Mirror axes** (the flips of training augmentation and of test-time augmentation): every axis,
   as nnU-Net, by default. With ``mirror_axes: auto``, every axis but those along which two
   foreground classes keep a fixed order. For each pair of classes, the fingerprint measures, per
@@ -206,16 +211,28 @@ GB = 2**30
 CPU_BUDGET_GB = 8.0  # nnU-Net's reference GPU
 
 
-def memory_budget(config: PlanConfig) -> tuple[float, str]:
+def training_device(config: PlanConfig) -> tuple[str, str]:
+    """The device training runs on (``cpu`` or ``cuda``), and why."""
+    if config.device != "auto":
+        return config.device, "set in the config (plan.device)"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", f"auto: CUDA device 0 ({torch.cuda.get_device_name(0)}) is here"
+    return "cpu", "auto: no CUDA device here"
+
+
+def memory_budget(config: PlanConfig, device: str) -> tuple[float, str]:
     """The memory budget in GB, and where it comes from."""
     if config.memory_budget_gb is not None:
         return config.memory_budget_gb, "set in the config (plan.memory_budget_gb)"
     import torch
 
-    if torch.cuda.is_available():
+    if device == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         return props.total_memory / GB, f"the memory of CUDA device 0 ({props.name})"
-    return CPU_BUDGET_GB, f"no CUDA device here: {CPU_BUDGET_GB:g} GB, nnU-Net's reference GPU"
+    where = "training on a CPU" if device == "cpu" else "no CUDA device here"
+    return CPU_BUDGET_GB, f"{where}: {CPU_BUDGET_GB:g} GB, nnU-Net's reference GPU"
 
 
 def _fmt(values: Sequence[float]) -> str:
@@ -266,7 +283,7 @@ def decide(fingerprint: Fingerprint, spacings: np.ndarray, shapes: np.ndarray, p
            modality: str, labels: dict[int, str], config: PlanConfig) -> Plan:
     """Apply the planning rules of the module doc to a fingerprint."""
     from medseg.memory import training_bytes
-    from medseg.planning import batch_size, fit_patch, topology
+    from medseg.planning import MIN_BATCH, batch_size, fit_patch, topology
 
     decisions: dict[str, str] = {}
     median_spacing = np.median(spacings, axis=0)
@@ -295,7 +312,9 @@ def decide(fingerprint: Fingerprint, spacings: np.ndarray, shapes: np.ndarray, p
     axes = [a for a in range(3) if dims == 3 or a != coarse_axis]  # the axes the network convolves
     n_classes = max(labels) + 1
     channels = len(pooled)
-    budget_gb, budget_why = memory_budget(config)
+    device, device_why = training_device(config)
+    decisions["device"] = f"{device}: {device_why}"
+    budget_gb, budget_why = memory_budget(config, device)
     budget = int(budget_gb * GB)
     decisions["memory_budget_gb"] = budget_why
 
@@ -344,6 +363,13 @@ def decide(fingerprint: Fingerprint, spacings: np.ndarray, shapes: np.ndarray, p
         batch, why = batch_size(sample, fixed, budget, [patch[a] for a in axes], dataset_voxels,
                                 config.max_batch_fraction)
         decisions["batch_size"] = f"set by {why}"
+        if device == "cpu" and batch > MIN_BATCH:
+            decisions["batch_size"] = (
+                f"the least ({MIN_BATCH}) for training on a CPU: a CPU's samples per second barely grow with the "
+                f"batch, so the least batch gives the most optimizer steps in the same time and the best Dice in "
+                f"a short one (docs/benchmarks.md, 'The batch on a CPU'); on a GPU it would be {batch}, set by {why}"
+            )
+            batch = MIN_BATCH
     decisions["topology"] = (
         f"pools per axis {_fmt(topo.pools)}: an axis is pooled while its feature map keeps at least "
         f"{2 * config.min_feature_edge} voxels and its spacing is within 2x of the finest; kernels of 3 on axes "

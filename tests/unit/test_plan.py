@@ -158,7 +158,7 @@ def test_synthetic_cases_are_stored_in_other_voxel_orders(ct_manifest: Path) -> 
 
 def test_plan_anisotropic_ct(ct_manifest: Path, tmp_path: Path) -> None:
     out = tmp_path / "plan"
-    result = plan(ct_manifest, out, PlanConfig())
+    result = plan(ct_manifest, out, PlanConfig(device="cuda"))  # the rules of a GPU, planned without one
     p = result.plan
 
     assert result.plan_path == out / "plan.json"
@@ -180,8 +180,9 @@ def test_plan_anisotropic_ct(ct_manifest: Path, tmp_path: Path) -> None:
     assert p.topology.kernels == ((3, 3), (3, 3), (3, 3))
     assert p.topology.features == (32, 64, 128)
     assert p.memory_budget_gb == 8.0  # no CUDA here
-    assert set(p.decisions) == {"target_spacing_mm", "dims", "memory_budget_gb", "patch_size", "batch_size",
-                                "topology", "normalization", "mirror_axes"}
+    assert set(p.decisions) == {"target_spacing_mm", "dims", "device", "memory_budget_gb", "patch_size",
+                                "batch_size", "topology", "normalization", "mirror_axes"}
+    assert p.decisions["device"] == "cuda: set in the config (plan.device)"
     assert "5% of the dataset's voxels" in p.decisions["batch_size"]
     assert "10th percentile" in p.decisions["target_spacing_mm"]
 
@@ -236,6 +237,21 @@ def test_explicit_config_values_win(ct_manifest: Path, tmp_path: Path) -> None:
     assert p.median_shape_resampled == [10, 12, 20]
     # The fingerprint is measured all the same.
     assert p.fingerprint.spacing_p10_mm == pytest.approx([1.0, 1.0, 3.4])
+
+
+def test_training_on_a_cpu_takes_the_least_batch_and_says_what_a_gpu_would_take(ct_manifest: Path,
+                                                                                tmp_path: Path) -> None:
+    p = plan(ct_manifest, tmp_path / "plan", PlanConfig(device="cpu")).plan
+    assert p.batch_size == 2
+    assert p.decisions["device"] == "cpu: set in the config (plan.device)"
+    assert "training on a CPU" in p.decisions["memory_budget_gb"]
+    assert "on a GPU it would be 3, set by 5% of the dataset's voxels" in p.decisions["batch_size"]
+    # auto on this machine (no CUDA): the same, and the decision says why
+    auto = plan(ct_manifest, tmp_path / "auto", PlanConfig()).plan
+    assert auto.batch_size == 2
+    assert auto.decisions["device"] == "cpu: auto: no CUDA device here"
+    # a batch set in the config wins on a CPU too
+    assert plan(ct_manifest, tmp_path / "set", PlanConfig(batch_size=4)).plan.batch_size == 4
 
 
 def test_explicit_normalization_wins(ct_manifest: Path, tmp_path: Path) -> None:

@@ -39,6 +39,21 @@ def test_dry_run_shows_every_stage(venv_bin: Path, shared_data: Path, tmp_path: 
     }
 
 
+def test_full_recipe_trains_predicts_and_scores_all_five_folds(venv_bin: Path, shared_data: Path, tmp_path: Path) -> None:
+    """configs/experiments/hippocampus-full.yaml as the README runs it: a job per fold to train and to
+    predict its held-out cases, all of them scored together."""
+    dataset = hippocampus_subset(shared_data, tmp_path / "hippo", CASES)
+    cmd = [str(venv_bin / "snakemake"), "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+           "--cores", "2", "--configfile", str(REPO / "configs" / "experiments" / "hippocampus-full.yaml"),
+           "-n", "--config", f"dataset={dataset}", "results=results-full"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(venv_bin), timeout=600, check=True)
+    assert planned_rules(proc.stdout + proc.stderr) == {
+        "all": 1, "ingest": 1, "plan": 1, "preprocess": 1, "train": 5, "predict": 5, "evaluate": 1, "review": 1,
+    }
+    for fold in range(5):
+        assert f"results-full/train/fold_{fold}/model.json" in proc.stdout
+
+
 def test_unknown_config_key_stops_before_any_job(venv_bin: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  epochz: 3\n")
