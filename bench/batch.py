@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,11 +26,6 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-log = logging.getLogger("bench.batch")
-
-
-def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
 
 
 def run_batch(data: Path, work: Path, batch: int, minutes: float) -> dict[str, Any]:
@@ -50,12 +46,12 @@ def run_batch(data: Path, work: Path, batch: int, minutes: float) -> dict[str, A
     epochs = max(1, int(minutes * 60 * 0.97 / epoch_s))
     params = {"epochs": epochs, "val_every": max(1, epochs // 20), "max_minutes": minutes}
     _, wall, history = timed_train(pre, plan_path, splits, out / "fold_0", params)
-    val = load_splits(splits, 0)["val"]
+    split = load_splits(splits, 0)
     predict(manifest, out / "predictions", [str(out / "fold_0" / "best.pt")], PredictConfig(tta_flips=True),
-            case_ids=val, device="cpu")
+            case_ids=split["val"], device="cpu")
     summary = evaluate([out / "predictions"], out / "evaluation", manifest_path=manifest).summary
-    its = median([h["iterations_per_second"] for h in history])
-    per_epoch = len(load_splits(splits, 0)["train"]) // batch  # one pass per epoch, the last part-batch dropped
+    its = statistics.median_high(h["iterations_per_second"] for h in history)
+    per_epoch = len(split["train"]) // batch  # one pass per epoch, the last part-batch dropped
     return {
         "batch": batch, "epochs": len(history), "planned_epochs": epochs, "probe_epoch_seconds": epoch_s,
         "train_minutes": wall / 60, "iterations_per_second": its, "samples_per_second": its * batch,

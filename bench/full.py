@@ -46,13 +46,12 @@ def run_workflow(data: Path, results: Path) -> float:
     return time.monotonic() - start
 
 
-def fold_scores(results: Path, fold: int, names: dict[int, str], keep: list[int]) -> dict[str, Any]:
+def fold_scores(results: Path, fold: int, refs: dict[str, Path], names: dict[int, str],
+                keep: list[int]) -> dict[str, Any]:
     """The out-of-fold Dice of one fold's predicted validation cases, before and after ``keep``."""
     from medseg.io import load_nifti
     from medseg.postprocess import case_effect
-    from medseg.stages.evaluate import references
 
-    refs, _ = references(results / "ingest" / "manifest.json", None)
     folder = results / "predictions" / f"fold_{fold}"
     before: list[float] = []
     after: list[float] = []
@@ -70,8 +69,8 @@ def fold_scores(results: Path, fold: int, names: dict[int, str], keep: list[int]
 
 def curve(histories: dict[int, list[dict]], level: float) -> dict[str, Any]:
     """Validation Dice against training minutes: per fold, their mean, and where the mean levels off."""
-    per_fold = {k: [(sum(h["epoch_seconds"] for h in hist[: i + 1]) / 60, h["epoch"] if "epoch" in h else i + 1,
-                     h["val_dice"]) for i, h in enumerate(hist) if "val_dice" in h] for k, hist in histories.items()}
+    per_fold = {k: [(sum(h["epoch_seconds"] for h in hist[: i + 1]) / 60, h["epoch"], h["val_dice"])
+                    for i, h in enumerate(hist) if "val_dice" in h] for k, hist in histories.items()}
     epochs = sorted(set.intersection(*({e for _, e, _ in pts} for pts in per_fold.values())))
     mean = []
     for epoch in epochs:
@@ -117,7 +116,9 @@ def plot(result: dict[str, Any], path: Path, goal: float) -> None:
 
 def score(results: Path, level: float) -> dict[str, Any]:
     from medseg.io import read_json
+    from medseg.stages.evaluate import references
 
+    refs, _ = references(results / "ingest" / "manifest.json", None)
     summary = read_json(results / "evaluation" / "summary.json")
     decision = read_json(results / "evaluation" / "postprocessing.json")
     names = {int(c["label"]): n for n, c in decision["classes"].items()}
@@ -129,7 +130,7 @@ def score(results: Path, level: float) -> dict[str, Any]:
         hist = histories[k]
         rows[str(k)] = {"train_minutes": sum(h["epoch_seconds"] for h in hist) / 60, "epochs": len(hist),
                         "best_val_dice_in_training": max(h["val_dice"] for h in hist if "val_dice" in h),
-                        **fold_scores(results, k, names, keep)}
+                        **fold_scores(results, k, refs, names, keep)}
     return {"results": str(results), "folds": rows,
             "mean_of_folds": float(np.mean([r["dice_postprocessed"] for r in rows.values()])),
             "mean_of_folds_before_postprocessing": float(np.mean([r["dice"] for r in rows.values()])),
