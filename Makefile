@@ -20,7 +20,7 @@ FUZZ_TARGETS ?= dicom_header dicom_series nifti
 FUZZ_DIR ?= test-artifacts/fuzz
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test fuzz venv lock clean-results bench-ingest bench-loader bench-accuracy bench-channels bench-predict bench-deps
+.PHONY: demo test fuzz venv lock clean-results bench-ingest bench-loader bench-accuracy bench-channels bench-predict bench-demo bench-deps
 
 venv: $(VENV)/.installed
 
@@ -84,6 +84,10 @@ bench-channels: venv
 # Prediction: seconds per case, peak memory and Dice, medseg against nnU-Net v2's predictor
 bench-predict: bench-deps
 	$(BIN)/python bench/predict.py
+
+# The demo workflow against a plain MONAI script trained as long, on the same validation cases
+bench-demo: venv
+	$(BIN)/python bench/run.py --data $(if $(DATA),$(DATA),../shared/data/hippocampus)
 
 clean-results:
 	rm -rf $(RESULTS) .snakemake

@@ -1,10 +1,11 @@
 """Benchmark: the medseg demo workflow against a plain MONAI script, in one run.
 
-    .venv/bin/python bench/run.py --data ../shared/data/hippocampus [--peer-minutes 10]
+    .venv/bin/python bench/run.py --data ../shared/data/hippocampus [--peer-minutes M]
 
 Runs the whole medseg workflow (configs/experiments/hippocampus.yaml, fresh results folder),
-then the plain MONAI script of bench/plain_monai.py on the same validation cases. Prints a
-table and writes bench/results/demo.json. Nothing is timed inside unit tests.
+then the plain MONAI script of bench/plain_monai.py on the same validation cases, for as many
+training minutes as medseg trained (or --peer-minutes). Prints a table and writes
+bench/results/demo.json. Nothing is timed inside unit tests.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def run(cmd: list[str], env: dict[str, str]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, required=True, help="an MSD Task04 Hippocampus folder")
-    ap.add_argument("--peer-minutes", type=float, default=10.0)
+    ap.add_argument("--peer-minutes", type=float, default=None,
+                    help="the peer's training minutes (default: as many as medseg trained)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args()
     bin_dir = Path(sys.executable).parent
@@ -46,15 +48,16 @@ def main() -> None:
     summary = json.loads((results / "evaluation" / "summary.json").read_text())
     history = json.loads((results / "train" / "fold_0" / "history.json").read_text())
     train_s = sum(h["epoch_seconds"] for h in history)
+    peer_minutes = args.peer_minutes if args.peer_minutes is not None else train_s / 60
     peer_json = args.out / "peer.json"
     peer_s = run([sys.executable, str(REPO / "bench" / "plain_monai.py"), "--data", str(args.data.resolve()),
-                  "--splits", str(results / "plan" / "splits.json"), "--minutes", str(args.peer_minutes),
+                  "--splits", str(results / "plan" / "splits.json"), "--minutes", f"{peer_minutes:.3f}",
                   "--output", str(peer_json)], env)
     peer = json.loads(peer_json.read_text())
     rows = [
         ("medseg workflow (all stages)", medseg_s, train_s, summary["mean_dice"],
          summary["classes"]["Anterior"]["dice"]["mean"], summary["classes"]["Posterior"]["dice"]["mean"]),
-        ("plain MONAI script", peer_s, peer["train_seconds"], peer["mean_dice"], peer["dice_anterior"], peer["dice_posterior"]),
+        (f"plain MONAI script ({peer['epochs']} epochs)", peer_s, peer["train_seconds"], peer["mean_dice"], peer["dice_anterior"], peer["dice_posterior"]),
     ]
     print(f"\n{'':32} {'wall s':>8} {'train s':>8} {'mean Dice':>10} {'anterior':>9} {'posterior':>9}")
     for name, wall, tr, dice, a, p in rows:
@@ -65,7 +68,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "validation_cases": summary["n_cases"],
         "medseg": {"wall_seconds": medseg_s, "train_seconds": train_s, "epochs": len(history), "summary": summary},
-        "peer": {"wall_seconds": peer_s, **peer},
+        "peer": {"wall_seconds": peer_s, "minutes_given": peer_minutes, **peer},
         "ratio": ratio,
     }
     args.out.mkdir(parents=True, exist_ok=True)
