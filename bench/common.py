@@ -42,7 +42,7 @@ def timed_train(pre: Path, plan_path: Path, splits: Path, out: Path, params: dic
     without tracking. Returns the start (seconds since the epoch), the wall seconds, and the history,
     each epoch with ``seconds``: the wall time from the start to its end. What the command spent
     outside epochs (imports, cases read, model written) is put before the first epoch."""
-    cmd = [str(Path(sys.executable).parent / "medseg"), "train", "--preprocessed", str(pre), "--plan", str(plan_path),
+    cmd = [sys.executable, "-m", "medseg", "train", "--preprocessed", str(pre), "--plan", str(plan_path),
            "--splits", str(splits), "--fold", "0", "--output", str(out), "--no-tracking",
            "--config", str(DEMO), "--params", json.dumps(params)]
     log.info("medseg: %s", " ".join(cmd))

@@ -196,6 +196,10 @@ def evaluate(
     config = config or EvaluateConfig()
     refs, declared = references(manifest_path, labels_dir)
     names = {k: v for k, v in sorted((labels or declared or {}).items()) if k != 0}
+    for d in prediction_dirs:
+        if not Path(d).is_dir():
+            raise DataError(f"expected a folder of predicted masks, found {'a file' if Path(d).exists() else 'nothing'} "
+                            f"at {d}")
     preds = {strip_nifti_suffix(p.name): p for d in prediction_dirs for p in sorted(Path(d).iterdir()) if is_nifti(p)}
     if not preds:
         raise DataError(f"no predicted masks found in {', '.join(map(str, prediction_dirs))}")

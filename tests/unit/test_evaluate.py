@@ -379,6 +379,17 @@ def test_no_predictions_raise(tmp_path: Path) -> None:
     assert not (tmp_path / "eval" / "metrics.csv").exists()
 
 
+def test_a_predictions_folder_that_is_missing_or_a_file_is_named(tmp_path: Path) -> None:
+    preds, refs = _write_cases(tmp_path)
+    missing = tmp_path / "missing"
+    with pytest.raises(DataError, match=f"found nothing at {missing}"):
+        evaluate([preds, missing], tmp_path / "eval", labels_dir=refs, labels=NAMES)
+    a_file = next(preds.iterdir())
+    with pytest.raises(DataError, match=f"expected a folder of predicted masks, found a file at {a_file}"):
+        evaluate([a_file], tmp_path / "eval", labels_dir=refs, labels=NAMES)
+    assert not (tmp_path / "eval" / "metrics.csv").exists()
+
+
 def test_no_references_raise(tmp_path: Path) -> None:
     preds, _ = _write_cases(tmp_path)
     with pytest.raises(DataError, match="references"):
