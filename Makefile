@@ -20,7 +20,7 @@ FUZZ_TARGETS ?= dicom_header dicom_series nifti
 FUZZ_DIR ?= test-artifacts/fuzz
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test fuzz venv lock clean-results bench-ingest bench-loader bench-accuracy bench-channels bench-predict bench-demo bench-deps
+.PHONY: demo test fuzz venv lock clean-results bench-ingest bench-loader bench-accuracy bench-channels bench-predict bench-demo gpu-kit bench-deps
 
 venv: $(VENV)/.installed
 
@@ -88,6 +88,10 @@ bench-predict: bench-deps
 # The demo workflow against a plain MONAI script trained as long, on the same validation cases
 bench-demo: venv
 	$(BIN)/python bench/run.py --data $(if $(DATA),$(DATA),../shared/data/hippocampus)
+
+# The kit that bench/gpu_check.sh takes to a GPU machine with no network (wheels and data, .gpukit/)
+gpu-kit: venv
+	$(BIN)/python bench/gpu_kit.py
 
 clean-results:
 	rm -rf $(RESULTS) .snakemake
