@@ -9,7 +9,10 @@
 #   train  bench/gpu.py: time to a validation Dice of $TARGET within $TRAIN_MINUTES, iterations/s, the
 #          share of time waiting for batches, GPU utilization, with the default precision -> gpu-default.json
 #   amp    the same for $AMP_MINUTES each in float32, float16 and bfloat16 autocast -> gpu-<dtype>.json
-# Environment: KIT (.gpukit), PYTHON (python3), TRAIN_MINUTES (3), AMP_MINUTES (1.5), TARGET (0.88).
+#   predict  bench/predict.py on the GPU, with and without TTA, for $PREDICT_TOOLS (medseg: nnU-Net's
+#          SimpleITK does not fit in the kit) -> predict.json
+# Environment: KIT (.gpukit), PYTHON (python3), TRAIN_MINUTES (3), AMP_MINUTES (1.5), TARGET (0.88),
+# PREDICT_TOOLS (medseg), PREDICT_ARGS (more arguments of bench/predict.py; --train-minutes 1).
 # Each step's failure is reported and the next step still runs; the exit status is that of the last failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +22,8 @@ RESULTS=${OUT:-bench/results/gpu-check}
 TRAIN_MINUTES=${TRAIN_MINUTES:-3}
 AMP_MINUTES=${AMP_MINUTES:-1.5}
 TARGET=${TARGET:-0.88}
+PREDICT_TOOLS=${PREDICT_TOOLS:-medseg}
+PREDICT_ARGS=${PREDICT_ARGS:---train-minutes 1}
 STEPS=${*:-tests train amp}
 mkdir -p "$RESULTS"
 if [ ! -d "$KIT/whl" ] || [ ! -f "$KIT/data/hippocampus/dataset.json" ]; then
@@ -59,7 +64,10 @@ for s in $STEPS; do
            step "gpu-$d" "$PYTHON" bench/gpu.py --minutes "$AMP_MINUTES" --target "$TARGET" \
              --params "$(params $d)" --out "$RESULTS/gpu-$d.json"
          done ;;
-    *) echo "gpu_check: unknown step $s (expected tests, train or amp)" >&2; status=2 ;;
+    predict) # shellcheck disable=SC2086
+         step predict "$PYTHON" bench/predict.py --tools $PREDICT_TOOLS --tta both --work "$PWD/data/bench-gpu" \
+           --out "$RESULTS/predict.json" $PREDICT_ARGS ;;
+    *) echo "gpu_check: unknown step $s (expected tests, train, amp or predict)" >&2; status=2 ;;
   esac
 done
 exit $status

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/predict.py [--data ../shared/data/hippocampus] [--cases 42] [--slices 300]
                                       [--model best.pt | --train-minutes 6] [--work DIR]
+                                      [--tools medseg nnunet] [--tta off|on|both]
                                       [--out bench/results/predict.json]
 
 **One network, two predictors.** medseg trains a `dynunet` (nnU-Net's U-Net in MONAI: 4 stages
@@ -26,10 +27,14 @@ The scans (the same files for both tools):
   and resample back.
 
 Each tool predicts each set in a fresh process, with 50% window overlap, Gaussian weighting, no
-mirroring, one worker for reading and one for writing. A sampler in this process adds up the
-resident memory of that process and all its children every 20 ms and keeps the peak. The bench
-prints wall time per case, peak memory, mean Dice over cases and classes against the reference
-labels, and the ratios nnU-Net / medseg, and writes all of it as JSON.
+mirroring (``--tta on``: all 8 flips in both; ``both``: each set both ways), one worker for
+reading and one for writing. A sampler in this process adds up the resident memory of that
+process and all its children every 20 ms and keeps the peak. On a GPU both tools run there
+(nnU-Net with everything on the device, as it does by default on a GPU), and each process also
+reports the peak of PyTorch's CUDA allocator. The bench prints wall time per case, peak memory,
+peak GPU memory, mean Dice over cases and classes against the reference labels, and the ratios
+nnU-Net / medseg, and writes all of it as JSON. ``--tools medseg`` runs medseg alone, where
+nnU-Net is not installed.
 
 Data: MSD Task04 Hippocampus (Simpson et al. 2019, arXiv:1902.09063; Vanderbilt University
 Medical Center; CC-BY-SA 4.0).
@@ -58,28 +63,42 @@ log = logging.getLogger("bench.predict")
 FEATURES = (8, 64)  # first stage, most: 8, 16, 32, 64 on the hippocampus topology
 TILE = (36, 50, 36)  # the median hippocampus shape, about
 CT_SPACING = (0.8, 0.8, 1.0)
+TOOLS = ("medseg", "nnunet")
+
+# Appended to each tool's script: the peak of PyTorch's CUDA allocator in that process, where it ran on a GPU.
+GPU_PEAK = """
+import json as _json, os as _os, torch as _torch
+if _torch.cuda.is_available() and _os.environ.get("BENCH_GPU_PEAK"):
+    with open(_os.environ["BENCH_GPU_PEAK"], "w") as _f:
+        _json.dump({"allocated": _torch.cuda.max_memory_allocated(), "reserved": _torch.cuda.max_memory_reserved(),
+                    "device": _torch.cuda.get_device_name(0)}, _f)
+"""
 
 MEDSEG = """
 import sys
 from medseg.config import PredictConfig
 from medseg.stages.predict import predict
-predict(sys.argv[1], sys.argv[2], [sys.argv[3]], PredictConfig(overlap=0.5, tta_flips=False), overwrite=True)
-"""
+predict(sys.argv[1], sys.argv[2], [sys.argv[3]], PredictConfig(overlap=0.5, tta_flips=sys.argv[4] == "on"),
+        overwrite=True)
+""" + GPU_PEAK
 
 NNUNET = """
 import json, sys, torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-images, out, model, plans_json, dataset_json = sys.argv[1:6]
-network = torch.jit.load(model).eval()
+images, out, model, plans_json, dataset_json, tta = sys.argv[1:7]
+cuda = torch.cuda.is_available()  # on a GPU as nnU-Net runs there: everything on the device
+device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+network = torch.jit.load(model, map_location=device).eval()
 plans = PlansManager(plans_json)
-predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
-                            perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
+predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=tta == "on",
+                            perform_everything_on_device=cuda, device=device, allow_tqdm=False)
 predictor.manual_initialization(network, plans, plans.get_configuration("3d_fullres"), [network.state_dict()],
-                                json.loads(open(dataset_json).read()), "nnUNetTrainer", None)
+                                json.loads(open(dataset_json).read()), "nnUNetTrainer",
+                                (0, 1, 2) if tta == "on" else None)  # None: nnU-Net mirrors nothing
 predictor.predict_from_files(images, out, save_probabilities=False, overwrite=True,
                              num_processes_preprocessing=1, num_processes_segmentation_export=1)
-"""
+""" + GPU_PEAK
 
 
 def medseg_model(msd: Path, work: Path, minutes: float, given: Path | None) -> tuple[Path, Path]:
@@ -208,6 +227,8 @@ def run(args: list[str], env: dict[str, str]) -> dict:
     """One tool's command in a fresh process: seconds and the peak memory of its process tree."""
     import psutil
 
+    gpu_file = Path(tempfile.mkstemp(suffix=".json")[1])
+    env = {**env, "BENCH_GPU_PEAK": str(gpu_file)}
     start = time.perf_counter()
     child = subprocess.Popen([sys.executable, "-c", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     process, peak = psutil.Process(child.pid), 0
@@ -225,9 +246,16 @@ def run(args: list[str], env: dict[str, str]) -> dict:
     sampler.start()
     _, err = child.communicate()
     sampler.join()
+    seconds = time.perf_counter() - start
+    gpu = json.loads(gpu_file.read_text() or "null")
+    gpu_file.unlink()
     if child.returncode != 0:
         raise SystemExit(f"{args[1:3]} failed:\n{err.decode()[-3000:]}")
-    return {"seconds": time.perf_counter() - start, "peak_gib": peak / 1024**3}
+    figures = {"seconds": seconds, "peak_gib": peak / 1024**3}
+    if gpu is not None:
+        figures.update(gpu=gpu["device"], gpu_peak_gib=gpu["allocated"] / 1024**3,
+                       gpu_reserved_gib=gpu["reserved"] / 1024**3)
+    return figures
 
 
 def dice(out: Path, labels: Path) -> dict[str, float]:
@@ -262,14 +290,21 @@ def main() -> None:
     parser.add_argument("--train-minutes", type=float, default=6.0)
     parser.add_argument("--work", type=Path, help="working folder, kept (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "predict.json")
+    parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS),
+                        help="medseg alone where nnU-Net is not installed (a GPU machine without its kit)")
+    parser.add_argument("--tta", choices=["off", "on", "both"], default="off",
+                        help="mirroring (all 8 flips) in both tools: off, on, or each set both ways")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tools = [t for t in TOOLS if t in args.tools]
+    ttas = ["off", "on"] if args.tta == "both" else [args.tta]
     with tempfile.TemporaryDirectory() as tmp:
         work = (args.work or Path(tmp)).resolve()
         nnunet.set_environment(work / "nnunet")
         checkpoint, splits = medseg_model(args.data, work, args.train_minutes, args.model)
         script, n_params, patch, spacing = torchscript(checkpoint, work / "bench-predict" / "network.pt")
-        plans, dataset_json = nnunet_plans(args.data, work / "nnunet", patch, spacing)
+        if "nnunet" in tools:
+            plans, dataset_json = nnunet_plans(args.data, work / "nnunet", patch, spacing)
         cases = load_splits(splits, 0)["val"][: args.cases]
         env = {**os.environ, **nnunet.environment(work / "nnunet")}
         root = work / "bench-predict" / f"{len(cases)}-cases"
@@ -278,33 +313,41 @@ def main() -> None:
         rows = []
         for name, folder in sets:
             n_cases = len(list((folder / "labels").glob("*.nii.gz")))
-            row: dict = {"scans": name, "cases": n_cases}
-            for tool in ("medseg", "nnunet"):
-                out = root / "out" / tool / name
-                argv = ([MEDSEG, str(folder / "images"), str(out), str(checkpoint)] if tool == "medseg" else
-                        [NNUNET, str(folder / "images"), str(out), str(script), str(plans), str(dataset_json)])
-                log.info("%s on %s", tool, name)
-                figures = run(argv, env)
-                row[tool] = {"seconds_per_case": figures["seconds"] / n_cases, "peak_gib": figures["peak_gib"],
-                             "dice": dice(out, folder / "labels")}
-            row["time_ratio"] = row["nnunet"]["seconds_per_case"] / row["medseg"]["seconds_per_case"]
-            row["memory_ratio"] = row["nnunet"]["peak_gib"] / row["medseg"]["peak_gib"]
-            row["dice_difference"] = row["medseg"]["dice"]["mean"] - row["nnunet"]["dice"]["mean"]
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            for tta in ttas:
+                row: dict = {"scans": name, "cases": n_cases, "tta": tta}
+                for tool in tools:
+                    out = root / "out" / tool / f"{name}-tta-{tta}"
+                    argv = ([MEDSEG, str(folder / "images"), str(out), str(checkpoint), tta] if tool == "medseg" else
+                            [NNUNET, str(folder / "images"), str(out), str(script), str(plans), str(dataset_json), tta])
+                    log.info("%s on %s, mirroring %s", tool, name, tta)
+                    figures = run(argv, env)
+                    row[tool] = {"seconds_per_case": figures.pop("seconds") / n_cases, **figures,
+                                 "dice": dice(out, folder / "labels")}
+                if len(tools) == 2:
+                    row["time_ratio"] = row["nnunet"]["seconds_per_case"] / row["medseg"]["seconds_per_case"]
+                    row["memory_ratio"] = row["nnunet"]["peak_gib"] / row["medseg"]["peak_gib"]
+                    if "gpu_peak_gib" in row["medseg"] and "gpu_peak_gib" in row["nnunet"]:
+                        row["gpu_memory_ratio"] = row["nnunet"]["gpu_peak_gib"] / row["medseg"]["gpu_peak_gib"]
+                    row["dice_difference"] = row["medseg"]["dice"]["mean"] - row["nnunet"]["dice"]["mean"]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     print(f"\none network for both: {n_params} parameters, patch {patch}, checkpoint {checkpoint}")
-    print(f"{'scans':<14} {'cases':>5} {'tool':<7} {'s/case':>8} {'peak GiB':>9} {'Dice':>7}")
+    print(f"{'scans':<14} {'cases':>5} {'TTA':>4} {'tool':<7} {'s/case':>8} {'peak GiB':>9} {'GPU GiB':>8} {'Dice':>7}")
     for row in rows:
-        for tool in ("medseg", "nnunet"):
+        for tool in tools:
             r = row[tool]
-            print(f"{row['scans']:<14} {row['cases']:>5} {tool:<7} {r['seconds_per_case']:>8.2f} {r['peak_gib']:>9.2f} "
-                  f"{r['dice']['mean']:>7.4f}")
-        print(f"{'':<14} {'':>5} {'ratio':<7} {row['time_ratio']:>7.2f}x {row['memory_ratio']:>8.2f}x  (nnU-Net / medseg)")
+            gpu = f"{r['gpu_peak_gib']:>8.2f}" if "gpu_peak_gib" in r else f"{'-':>8}"
+            print(f"{row['scans']:<14} {row['cases']:>5} {row['tta']:>4} {tool:<7} {r['seconds_per_case']:>8.2f} "
+                  f"{r['peak_gib']:>9.2f} {gpu} {r['dice']['mean']:>7.4f}")
+        if "time_ratio" in row:
+            gpu = f"{row['gpu_memory_ratio']:>7.2f}x" if "gpu_memory_ratio" in row else f"{'':>8}"
+            print(f"{'':<14} {'':>5} {'':>4} {'ratio':<7} {row['time_ratio']:>7.2f}x {row['memory_ratio']:>8.2f}x "
+                  f"{gpu}  (nnU-Net / medseg)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "date": time.strftime("%Y-%m-%d %H:%M"), "cores": os.cpu_count(), "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(), "parameters": n_params, "patch": patch,
-        "checkpoint": str(checkpoint), "rows": rows}, indent=2) + "\n")
+        "checkpoint": str(checkpoint), "tools": tools, "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 
