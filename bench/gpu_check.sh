@@ -35,7 +35,6 @@ SITE=${SITE:-/tmp/medseg-site}
 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$KIT"/whl/*.whl \
   || { echo "gpu_check: installing the kit's wheels into $SITE failed" >&2; exit 2; }
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MEDSEG_DATA="$KIT/data"
-export MEDSEG_REQUIRE_GPU=1
 { if command -v nvidia-smi >/dev/null; then nvidia-smi; else echo "no nvidia-smi"; fi; "$PYTHON" -c "import torch, monai; print('torch', torch.__version__, 'cuda',
   torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-', 'monai', monai.__version__)"
 } 2>&1 | tee "$RESULTS/machine.txt"
