@@ -61,20 +61,14 @@ def pinned(constraints: Path) -> dict[str, str]:
 
 
 def download(requirement: str, out: Path, python_version: str) -> None:
-    """One wheel for that Python on x86-64 Linux; a package published only as source is built
-    here into a wheel (pure Python ones are the same on every machine)."""
-    base = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(out)]
-    binary = [*base, "--only-binary=:all:", "--python-version", python_version, "--implementation", "cp",
-              *[a for p in PLATFORMS for a in ("--platform", p)], requirement]
-    if subprocess.run(binary, capture_output=True).returncode == 0:
-        return
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(out), requirement],
-                           capture_output=True, text=True)
-    if built.returncode != 0:
-        raise SystemExit(f"gpu_kit: no wheel of {requirement} for Python {python_version} on x86-64 Linux, and "
-                         f"building one failed: {built.stderr.strip().splitlines()[-1:]}")
-    for sdist in out.glob("*.tar.gz"):
-        sdist.unlink()
+    """One wheel for that Python on x86-64 Linux (every package of the list publishes one)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(out), "--only-binary=:all:",
+           "--python-version", python_version, "--implementation", "cp",
+           *[a for p in PLATFORMS for a in ("--platform", p)], requirement]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"gpu_kit: expected a wheel of {requirement} for Python {python_version} on x86-64 Linux, "
+                         f"found none: {done.stderr.strip().splitlines()[-1:]}")
 
 
 def size(path: Path) -> int:

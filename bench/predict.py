@@ -227,7 +227,9 @@ def run(args: list[str], env: dict[str, str]) -> dict:
     """One tool's command in a fresh process: seconds and the peak memory of its process tree."""
     import psutil
 
-    gpu_file = Path(tempfile.mkstemp(suffix=".json")[1])
+    fd, name = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    gpu_file = Path(name)
     env = {**env, "BENCH_GPU_PEAK": str(gpu_file)}
     start = time.perf_counter()
     child = subprocess.Popen([sys.executable, "-c", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
